@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use log::{error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::Error as VhostUserError;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 
 use crate::listener::{Origin, SocketListener};
 use crate::signals::{Request, Signals};
@@ -46,6 +46,18 @@ pub trait Device: Send + Sync + 'static {
     /// A fresh backend for the next frontend. Its `exit_event` must return an event per
     /// worker thread (see [`crate::ExitEvents`]), so the connection can be torn down.
     fn backend(&self) -> Result<Self::Backend, Box<dyn std::error::Error + Send + Sync>>;
+
+    /// The daemon for a new connection exists and its worker threads' epoll handlers are
+    /// ready (one per entry of `queues_per_thread`, in that order). A device that waits on
+    /// its own file descriptors (a tap, a listening socket) registers them here with
+    /// `VringEpollHandler::register_listener`. An error refuses this connection.
+    fn attach(
+        &self,
+        _backend: &Self::Backend,
+        _handlers: &[Arc<VringEpollHandler<Self::Backend>>],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
 
     /// The frontend of `backend` went away; its worker threads have been joined.
     fn disconnected(&self, _backend: &Self::Backend) {}
@@ -143,6 +155,9 @@ where
             Ok(d) => d,
             Err(e) => return Error::Backend(e.to_string()),
         };
+        if let Err(e) = device.attach(&backend, &daemon.get_epoll_handlers()) {
+            return Error::Backend(e.to_string());
+        }
         if let Err(e) = daemon.start(listener.listener_mut()) {
             // A frontend that connects and vanishes before the first message is not a reason
             // to stop serving; a broken listening socket is.
