@@ -155,6 +155,8 @@ impl Qemu {
             .unwrap_or_default();
         let key = format!("{host} qemu-{}", self.version);
         let cache = paths::guest_dir().join("accel-probe");
+        // One probe for all test processes: the others wait and read its answer.
+        let _lock = lock_guests();
         if let Ok(text) = std::fs::read_to_string(&cache) {
             if let Some(rest) = text.strip_prefix(&format!("{key}: ")) {
                 return if rest.trim() == "kvm" {

@@ -1,1 +1,42 @@
-fn main() {}
+//! Project tasks, after the cargo-xtask convention: `cargo xtask <task>`.
+
+mod deps;
+mod guest;
+mod test;
+mod util;
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  test [-- ARGS]   the whole test suite: installs what is missing (as root), builds the
+                   guest image, then fmt --check, clippy -D warnings, cargo test --workspace
+  guest            build the test guest (Debian cloud kernel + initramfs) into target/guest
+  deps             install the Debian packages the tests need (as root)
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => {
+            let rest: Vec<String> = args
+                .iter()
+                .skip(1)
+                .skip_while(|a| *a == "--")
+                .cloned()
+                .collect();
+            test::run_all(&rest)
+        }
+        Some("guest") => deps::ensure_packages().and_then(|()| guest::build()),
+        Some("deps") => deps::ensure_packages(),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown task `{other}`\n{USAGE}")),
+        None => Err(USAGE.to_string()),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e}");
+        std::process::exit(1);
+    }
+}

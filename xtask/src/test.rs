@@ -1,0 +1,108 @@
+//! `cargo xtask test`: the project's one test command (the README's, and CI's).
+//!
+//! Installs what is missing, builds the guest image, then runs `cargo fmt --check`,
+//! clippy with `-D warnings`, and `cargo test --workspace`, and prints a summary that names
+//! every test that was skipped and why.
+
+use std::process::Command;
+
+use crate::util::{run, step, Result};
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs the whole suite.
+pub fn run_all(extra_test_args: &[String]) -> Result<()> {
+    let started = std::time::Instant::now();
+    crate::deps::ensure_packages()?;
+    crate::guest::build()?;
+    let skip_log = e2e::paths::skip_log();
+    let _ = std::fs::remove_file(&skip_log);
+
+    let mut results: Vec<(&str, Result<()>)> = Vec::new();
+    step("cargo fmt --check");
+    results.push((
+        "cargo fmt --all -- --check",
+        run(cargo().args(["fmt", "--all", "--", "--check"])),
+    ));
+    step("cargo clippy");
+    results.push((
+        "cargo clippy --workspace --all-targets -- -D warnings",
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+    ));
+    step("cargo test");
+    results.push((
+        "cargo test --workspace",
+        run(cargo().args(["test", "--workspace"]).args(extra_test_args)),
+    ));
+    let aarch64 = "aarch64-unknown-linux-gnu";
+    let installed =
+        crate::util::output(Command::new("rustup").args(["target", "list", "--installed"]))
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == aarch64));
+    let mut notes = Vec::new();
+    if installed {
+        step(&format!("cargo check --target {aarch64}"));
+        results.push((
+            "cargo check --workspace --target aarch64-unknown-linux-gnu (vmm-frontend, daemons)",
+            run(cargo().args([
+                "check",
+                "--target",
+                aarch64,
+                "-p",
+                "vmm-frontend",
+                "-p",
+                "vhost-device-blk",
+                "-p",
+                "vhost-device-net",
+                "-p",
+                "vhost-device-vsock",
+                "-p",
+                "vhost-device-console",
+            ])),
+        ));
+    } else {
+        notes.push(format!(
+            "NOT CHECKED: the {aarch64} build (the Rust target is not installed: rustup target add {aarch64})"
+        ));
+    }
+
+    eprintln!(
+        "\n==================== summary ({:.0} s) ====================",
+        started.elapsed().as_secs_f64()
+    );
+    let mut failed = false;
+    for (what, result) in &results {
+        match result {
+            Ok(()) => eprintln!("  ok    {what}"),
+            Err(e) => {
+                failed = true;
+                eprintln!("  FAIL  {what}: {e}");
+            }
+        }
+    }
+    for n in &notes {
+        eprintln!("  {n}");
+    }
+    match std::fs::read_to_string(&skip_log) {
+        Ok(text) if !text.trim().is_empty() => {
+            eprintln!("  SKIPPED tests (they did not run, see why):");
+            for line in text.lines() {
+                eprintln!("    - {line}");
+            }
+        }
+        _ => eprintln!("  no test was skipped"),
+    }
+    if failed {
+        Err("the test suite failed".into())
+    } else {
+        Ok(())
+    }
+}
