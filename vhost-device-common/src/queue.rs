@@ -43,6 +43,45 @@ where
     Ok(count)
 }
 
+/// Like [`drain`], for a device that cannot always take every chain (a console with no
+/// more host input for its receive queue, or a full output buffer): `handle` returns
+/// [`std::ops::ControlFlow::Break`] to stop after the chain it was given. The chains left in the ring
+/// stay there with no notification armed for them, so the device must call again on its own
+/// wake-up (new input, room again). Check whether there is anything to do before calling.
+pub fn drain_until<V, F>(
+    vring: &V,
+    mem: &Memory,
+    event_idx: bool,
+    mut handle: F,
+) -> Result<usize, virtio_queue::Error>
+where
+    V: VringT<crate::GuestMemoryAtomic>,
+    F: FnMut(Chain) -> std::ops::ControlFlow<()>,
+{
+    let mut count = 0;
+    loop {
+        if event_idx {
+            vring.disable_notification()?;
+        }
+        loop {
+            // A statement of its own, so the vring lock is released before `handle` runs.
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            count += 1;
+            if handle(chain).is_break() {
+                return Ok(count);
+            }
+        }
+        if !event_idx || !vring.enable_notification()? {
+            break;
+        }
+    }
+    Ok(count)
+}
+
 /// Signals the guest if the driver asked to be told about used buffers.
 pub fn notify<V>(vring: &V) -> std::io::Result<()>
 where

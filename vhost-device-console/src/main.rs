@@ -1,5 +1,11 @@
-//! Placeholder until the device lands.
+//! vhost-device-console: parse the command line, run the daemon, exit with its status.
+
+use clap::Parser;
+
 fn main() {
-    eprintln!("not implemented yet");
-    std::process::exit(2);
+    let args = vhost_device_console::cli::Args::parse();
+    std::process::exit(vhost_device_common::run_main(
+        "vhost-device-console",
+        || vhost_device_console::run(args),
+    ));
 }

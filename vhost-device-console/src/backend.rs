@@ -1,0 +1,578 @@
+//! The `VhostUserBackend`: serves the guest's queues for one frontend connection.
+//!
+//! All queues are served by one worker thread (a console moves little data, and the control
+//! queue touches every port). Any event (a queue kick or a port's wake-up) runs one pass over
+//! the device: control messages from the driver, host open/close and resize events, guest
+//! output of every port, host input for every port the guest may receive on, and queued
+//! control messages to the driver. Guest faults (bad chains, unknown control messages, bogus
+//! port ids) are logged once per cause and per connection, and the device keeps serving.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use vhost_device_common::queue::{self, Chain, Memory};
+use vhost_device_common::{ExitEvents, GuestMemoryAtomic};
+
+use crate::control::{self, DriverMessage};
+use crate::port::Port;
+use crate::virtio::{self, ConsoleConfig};
+
+/// The vring type served.
+pub type Vring = VringRwLock<GuestMemoryAtomic>;
+
+/// Largest queue size offered.
+pub const QUEUE_SIZE: usize = 256;
+/// Guest output read from one transmit chain at most; the rest is skipped (a guest fault).
+pub const MAX_CHAIN_OUTPUT: usize = 1024 * 1024;
+/// Control messages queued for the driver at most.
+pub const MAX_PENDING_CONTROL: usize = 1024;
+/// Bytes of a driver control message read at most (the header is 8).
+const MAX_CONTROL_READ: usize = 64;
+
+/// Per-port state of the guest side, for one connection.
+#[derive(Debug, Default, Clone, Copy)]
+struct GuestPort {
+    /// The driver sent PORT_READY for it.
+    ready: bool,
+    /// The guest application has the port open (PORT_OPEN from the driver).
+    open: bool,
+    /// The last host open state told to the driver.
+    host_open_sent: Option<bool>,
+    /// The size generation last told to the driver (RESIZE).
+    size_sent: u64,
+}
+
+/// What belongs to one frontend connection.
+#[derive(Debug, Default)]
+struct Connection {
+    mem: Option<GuestMemoryAtomic>,
+    event_idx: bool,
+    acked: u64,
+    device_ready: bool,
+    ports: Vec<GuestPort>,
+    control_out: VecDeque<Vec<u8>>,
+    faults_logged: HashSet<&'static str>,
+}
+
+impl Connection {
+    /// Logs a guest fault the first time its cause is seen on this connection.
+    fn fault(&mut self, cause: &'static str, detail: &dyn std::fmt::Display) {
+        if self.faults_logged.insert(cause) {
+            warn!("guest fault: {cause}: {detail} (further ones of this kind are not logged)");
+        }
+    }
+
+    fn queue_control(&mut self, msg: Vec<u8>) {
+        if self.control_out.len() >= MAX_PENDING_CONTROL {
+            self.fault("control queue not read", &"dropping a control message");
+            return;
+        }
+        self.control_out.push_back(msg);
+    }
+
+    /// Forgets the guest side: the driver (re)initializes the device.
+    fn reset(&mut self, ports: usize) {
+        self.device_ready = false;
+        self.ports = vec![GuestPort::default(); ports];
+        self.control_out.clear();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    ports: Vec<Arc<Port>>,
+    multiport: bool,
+    num_queues: usize,
+    conn: Mutex<Connection>,
+}
+
+/// The console backend of one frontend connection; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConsoleBackend {
+    inner: Arc<Inner>,
+}
+
+impl ConsoleBackend {
+    /// A backend serving `ports` (MULTIPORT is offered with more than one).
+    pub fn new(ports: Vec<Arc<Port>>) -> Self {
+        let count = u32::try_from(ports.len()).unwrap_or(u32::MAX);
+        let mut conn = Connection::default();
+        conn.reset(ports.len());
+        ConsoleBackend {
+            inner: Arc::new(Inner {
+                multiport: ports.len() > 1,
+                num_queues: virtio::num_queues(count),
+                ports,
+                conn: Mutex::new(conn),
+            }),
+        }
+    }
+
+    /// The ports served.
+    pub fn ports(&self) -> &[Arc<Port>] {
+        &self.inner.ports
+    }
+
+    /// The custom epoll event id of `port`'s wake-up (queue ids and the exit event come
+    /// first, as vhost-user-backend reserves them).
+    pub fn wake_event_id(&self, port: usize) -> u64 {
+        (self.inner.num_queues + 1 + port) as u64
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One pass over the device (see the module documentation).
+    fn pump(&self, vrings: &[Vring]) -> std::io::Result<()> {
+        let mut conn = self.conn();
+        let Some(atomic) = conn.mem.clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let event_idx = conn.event_idx;
+        let multiport =
+            self.inner.multiport && conn.acked & (1 << virtio::VIRTIO_CONSOLE_F_MULTIPORT) != 0;
+        if multiport {
+            if let Some(vring) = vrings.get(virtio::CONTROL_TX_QUEUE) {
+                self.control_tx(&mut conn, vring, &mem, event_idx)?;
+            }
+            self.host_events(&mut conn);
+        }
+        let active = if multiport { self.inner.ports.len() } else { 1 };
+        for (index, port) in self.inner.ports.iter().enumerate().take(active) {
+            let id = port.id;
+            if let Some(vring) = vrings.get(virtio::tx_queue(id)) {
+                transmit(&mut conn, port, vring, &mem, event_idx)?;
+            }
+            let deliver = !multiport
+                || conn
+                    .ports
+                    .get(index)
+                    .is_some_and(|g| g.ready && (index == 0 || g.open));
+            if deliver {
+                if let Some(vring) = vrings.get(virtio::rx_queue(id)) {
+                    receive(&mut conn, port, vring, &mem, event_idx)?;
+                }
+            }
+        }
+        if multiport {
+            if let Some(vring) = vrings.get(virtio::CONTROL_RX_QUEUE) {
+                control_rx(&mut conn, vring, &mem, event_idx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the driver's control messages.
+    fn control_tx(
+        &self,
+        conn: &mut Connection,
+        vring: &Vring,
+        mem: &Memory,
+        event_idx: bool,
+    ) -> std::io::Result<()> {
+        let mut messages = Vec::new();
+        let mut faults = Vec::new();
+        let count = queue::drain(vring, mem, event_idx, |chain: Chain| {
+            let head = chain.head_index();
+            match chain.reader(&**mem) {
+                Ok(reader) => {
+                    let mut bytes = Vec::with_capacity(control::HEADER_LEN);
+                    match reader.take(MAX_CONTROL_READ as u64).read_to_end(&mut bytes) {
+                        Ok(_) => messages.push(bytes),
+                        Err(e) => faults.push(("unreadable control message", e.to_string())),
+                    }
+                }
+                Err(e) => faults.push(("bad control chain", e.to_string())),
+            }
+            if let Err(e) = vring.add_used(head, 0) {
+                faults.push(("cannot return a control buffer", e.to_string()));
+            }
+        })
+        .map_err(std::io::Error::other)?;
+        for (cause, detail) in faults {
+            conn.fault(cause, &detail);
+        }
+        for bytes in messages {
+            match control::parse(&bytes) {
+                Ok(msg) => self.driver_message(conn, msg),
+                Err(e) => conn.fault("bad control message", &e),
+            }
+        }
+        if count > 0 {
+            queue::notify(vring)?;
+        }
+        Ok(())
+    }
+
+    fn driver_message(&self, conn: &mut Connection, msg: DriverMessage) {
+        let ports = &self.inner.ports;
+        match msg {
+            DriverMessage::DeviceReady(true) => {
+                if conn.device_ready {
+                    return;
+                }
+                conn.device_ready = true;
+                for port in ports {
+                    conn.queue_control(control::port_add(port.id));
+                }
+            }
+            DriverMessage::DeviceReady(false) => {
+                warn!("the guest driver failed to set the console device up");
+            }
+            DriverMessage::PortReady(id, ready) => {
+                let Some(port) = ports.get(id as usize) else {
+                    conn.fault("PORT_READY for a port that does not exist", &id);
+                    return;
+                };
+                if !ready {
+                    warn!("the guest driver failed to set port {id} up");
+                    return;
+                }
+                let (attached, size, generation) = {
+                    let s = port.lock();
+                    (s.attached, s.size, s.size_generation)
+                };
+                if id == 0 {
+                    conn.queue_control(control::console_port(0));
+                    if let Some((cols, rows)) = size {
+                        conn.queue_control(control::resize(0, cols, rows));
+                    }
+                }
+                conn.queue_control(control::port_name(id, &port.name));
+                conn.queue_control(control::port_open(id, attached));
+                if let Some(g) = conn.ports.get_mut(id as usize) {
+                    g.ready = true;
+                    g.host_open_sent = Some(attached);
+                    g.size_sent = generation;
+                }
+                info!("guest set port {id} ({}) up", port.name);
+            }
+            DriverMessage::PortOpen(id, open) => match conn.ports.get_mut(id as usize) {
+                Some(g) => {
+                    if g.open != open {
+                        info!("guest {} port {id}", if open { "opened" } else { "closed" });
+                    }
+                    g.open = open;
+                }
+                None => conn.fault("PORT_OPEN for a port that does not exist", &id),
+            },
+        }
+    }
+
+    /// Tells the driver about clients that came or went and consoles that were resized.
+    fn host_events(&self, conn: &mut Connection) {
+        for (index, port) in self.inner.ports.iter().enumerate() {
+            let Some(g) = conn.ports.get(index).copied() else {
+                continue;
+            };
+            if !g.ready {
+                continue;
+            }
+            let (attached, size, generation) = {
+                let s = port.lock();
+                (s.attached, s.size, s.size_generation)
+            };
+            if g.host_open_sent != Some(attached) {
+                conn.queue_control(control::port_open(port.id, attached));
+            }
+            let resize = index == 0 && generation != g.size_sent;
+            if let (true, Some((cols, rows))) = (resize, size) {
+                conn.queue_control(control::resize(0, cols, rows));
+            }
+            if let Some(g) = conn.ports.get_mut(index) {
+                g.host_open_sent = Some(attached);
+                g.size_sent = generation;
+            }
+        }
+    }
+}
+
+/// Guest output: transmit chains to the port, while it has room.
+fn transmit(
+    conn: &mut Connection,
+    port: &Port,
+    vring: &Vring,
+    mem: &Memory,
+    event_idx: bool,
+) -> std::io::Result<()> {
+    if !port.output_room() {
+        return Ok(());
+    }
+    let mut faults = Vec::new();
+    let mut dropped = 0usize;
+    let count = queue::drain_until(vring, mem, event_idx, |chain: Chain| {
+        let head = chain.head_index();
+        match chain.reader(&**mem) {
+            Ok(reader) => {
+                if reader.available_bytes() > MAX_CHAIN_OUTPUT {
+                    faults.push((
+                        "transmit chain too long",
+                        reader.available_bytes().to_string(),
+                    ));
+                }
+                let mut reader = reader.take(MAX_CHAIN_OUTPUT as u64);
+                let mut buf = [0u8; 4096];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => dropped += port.guest_output(&buf[..n]),
+                        Err(e) => {
+                            faults.push(("unreadable transmit buffer", e.to_string()));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => faults.push(("bad transmit chain", e.to_string())),
+        }
+        if let Err(e) = vring.add_used(head, 0) {
+            faults.push(("cannot return a transmit buffer", e.to_string()));
+        }
+        if port.output_room() {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    for (cause, detail) in faults {
+        conn.fault(cause, &detail);
+    }
+    if dropped > 0 {
+        warn!("port {}: client too slow, {dropped} bytes of output dropped for it (kept in the history)", port.id);
+    }
+    if count > 0 {
+        queue::notify(vring)?;
+    }
+    Ok(())
+}
+
+/// Host input: the port's buffered input into receive chains.
+fn receive(
+    conn: &mut Connection,
+    port: &Port,
+    vring: &Vring,
+    mem: &Memory,
+    event_idx: bool,
+) -> std::io::Result<()> {
+    if !port.has_input() {
+        return Ok(());
+    }
+    let mut faults = Vec::new();
+    let count = queue::drain_until(vring, mem, event_idx, |chain: Chain| {
+        let head = chain.head_index();
+        let written = match chain.writer(&**mem) {
+            Ok(mut writer) => {
+                let room = writer.available_bytes();
+                if room == 0 {
+                    faults.push(("receive chain without writable buffers", head.to_string()));
+                }
+                port.take_input(room, |bytes| writer.write(bytes).unwrap_or(0))
+            }
+            Err(e) => {
+                faults.push(("bad receive chain", e.to_string()));
+                0
+            }
+        };
+        let written = u32::try_from(written).unwrap_or(u32::MAX);
+        if let Err(e) = vring.add_used(head, written) {
+            faults.push(("cannot return a receive buffer", e.to_string()));
+        }
+        if port.has_input() {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    for (cause, detail) in faults {
+        conn.fault(cause, &detail);
+    }
+    if count > 0 {
+        queue::notify(vring)?;
+    }
+    Ok(())
+}
+
+/// Queued control messages into the control receive queue.
+fn control_rx(
+    conn: &mut Connection,
+    vring: &Vring,
+    mem: &Memory,
+    event_idx: bool,
+) -> std::io::Result<()> {
+    if conn.control_out.is_empty() {
+        return Ok(());
+    }
+    let mut faults = Vec::new();
+    let pending = &mut conn.control_out;
+    let count = queue::drain_until(vring, mem, event_idx, |chain: Chain| {
+        let head = chain.head_index();
+        let mut written = 0;
+        if let Some(msg) = pending.pop_front() {
+            match chain.writer(&**mem) {
+                Ok(mut writer) if writer.available_bytes() >= msg.len() => {
+                    match writer.write_all(&msg) {
+                        Ok(()) => written = msg.len(),
+                        Err(e) => faults.push(("unwritable control buffer", e.to_string())),
+                    }
+                }
+                Ok(writer) => faults.push((
+                    "control buffer too small",
+                    format!(
+                        "{} bytes for a {}-byte message",
+                        writer.available_bytes(),
+                        msg.len()
+                    ),
+                )),
+                Err(e) => faults.push(("bad control receive chain", e.to_string())),
+            }
+        }
+        if let Err(e) = vring.add_used(head, u32::try_from(written).unwrap_or(0)) {
+            faults.push(("cannot return a control buffer", e.to_string()));
+        }
+        if pending.is_empty() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .map_err(std::io::Error::other)?;
+    for (cause, detail) in faults {
+        conn.fault(cause, &detail);
+    }
+    if count > 0 {
+        queue::notify(vring)?;
+    }
+    Ok(())
+}
+
+impl VhostUserBackend for ConsoleBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.inner.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << virtio::VIRTIO_CONSOLE_F_SIZE)
+            | (1 << virtio::VIRTIO_CONSOLE_F_EMERG_WRITE)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.inner.multiport {
+            f |= 1 << virtio::VIRTIO_CONSOLE_F_MULTIPORT;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        let mut conn = self.conn();
+        conn.acked = features;
+        // SET_FEATURES starts every driver initialization: forget the previous one.
+        conn.reset(self.inner.ports.len());
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        self.conn().reset(self.inner.ports.len());
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.conn().event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let (cols, rows) = self
+            .inner
+            .ports
+            .first()
+            .and_then(|p| p.lock().size)
+            .unwrap_or((0, 0));
+        let ports = if self.inner.multiport {
+            u32::try_from(self.inner.ports.len()).unwrap_or(0)
+        } else {
+            1
+        };
+        ConsoleConfig::new(cols, rows, ports).read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Only emerg_wr is writable: a character for port 0, even before queues exist.
+        let at = virtio::EMERG_WR_OFFSET
+            .checked_sub(offset)
+            .and_then(|i| buf.get(i as usize));
+        match (at, self.inner.ports.first()) {
+            (Some(&byte), Some(port)) => {
+                port.guest_output(&[byte]);
+            }
+            _ => self
+                .conn()
+                .fault("write to a read-only config field", &offset),
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic) -> std::io::Result<()> {
+        self.conn().mem = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let n = self.inner.num_queues;
+        vec![if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        ExitEvents::pair()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        let event = usize::from(device_event);
+        if let Some(port) = event
+            .checked_sub(self.inner.num_queues + 1)
+            .and_then(|i| self.inner.ports.get(i))
+        {
+            let _ = port.guest_wake.read();
+        }
+        // An error here is a broken queue (rings outside guest memory, a bogus index). It is
+        // not returned: vhost-user-backend would end the worker and with it every other port.
+        if let Err(e) = self.pump(vrings) {
+            self.conn().fault("queue failure", &e);
+        }
+        Ok(())
+    }
+}
