@@ -1,0 +1,393 @@
+//! The `VhostUserBackend` of the net device: one worker thread per queue pair, each serving
+//! its RX and TX queues and its own tap queue.
+//!
+//! Queue `2i` is pair `i`'s RX queue, `2i + 1` its TX queue (virtio 1.2, 5.1.2). The worker
+//! of pair `i` waits on both queues' kick events and, edge-triggered, on tap queue `i`. A
+//! worker's state (its frame buffer, a frame waiting for RX buffers) sits behind a mutex only
+//! that worker takes, so the hot path never contends.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{debug, error, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_device_common::{queue, ExitEvents, GuestMemoryAtomic};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::rx::{self, RxDrop, RxOutcome, RxScratch};
+use crate::stats::{DropCause, Stats};
+use crate::tap::Tap;
+use crate::tx::{self, TxDrop, TxOutcome, TxScratch};
+use crate::virtio::{
+    device_features, Negotiated, NetConfigSpace, HDR_LEN, MAX_GSO_FRAME, STATUS_LINK_UP,
+};
+
+/// The vring type the backend serves.
+pub type Vring = VringRwLock<GuestMemoryAtomic>;
+
+/// The size of a worker's frame buffer: the largest GSO frame and its header.
+const FRAME_BUFFER: usize = HDR_LEN + MAX_GSO_FRAME;
+
+/// What the backend is built from.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// Queue pairs, one tap queue each.
+    pub queue_pairs: u16,
+    /// The largest queue size the frontend may set.
+    pub queue_size: u16,
+    /// The MTU offered with `VIRTIO_NET_F_MTU`.
+    pub mtu: Option<u16>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    frame: Vec<u8>,
+    /// Bytes of a frame read from the tap that waits for RX buffers (0: none).
+    pending: usize,
+    rx: RxScratch,
+    tx: TxScratch,
+    /// Whether this pair's tap queue is attached (multi-queue taps only; `None`: unknown).
+    attached: Option<bool>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: BackendConfig,
+    taps: Arc<Vec<Tap>>,
+    features: u64,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    memory: RwLock<Option<GuestMemoryAtomic>>,
+    workers: Vec<Mutex<Worker>>,
+    stats: Stats,
+}
+
+/// The net device's backend for one frontend connection.
+#[derive(Debug, Clone)]
+pub struct NetBackend {
+    inner: Arc<Inner>,
+}
+
+impl NetBackend {
+    /// A backend serving `taps` (one per queue pair).
+    pub fn new(config: BackendConfig, taps: Arc<Vec<Tap>>) -> Self {
+        let workers = (0..config.queue_pairs)
+            .map(|_| {
+                Mutex::new(Worker {
+                    frame: vec![0u8; FRAME_BUFFER],
+                    pending: 0,
+                    rx: RxScratch::default(),
+                    tx: TxScratch::default(),
+                    attached: None,
+                })
+            })
+            .collect();
+        NetBackend {
+            inner: Arc::new(Inner {
+                features: device_features(config.queue_pairs, config.mtu),
+                config,
+                taps,
+                acked: AtomicU64::new(0),
+                event_idx: AtomicBool::new(false),
+                memory: RwLock::new(None),
+                workers,
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    /// The epoll token of the tap in every worker: past the queues and the exit event.
+    pub fn tap_event(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// This connection's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    fn negotiated(&self) -> Negotiated {
+        Negotiated::from_features(self.inner.acked.load(Ordering::Acquire))
+    }
+
+    fn memory(&self) -> Option<queue::Memory> {
+        let guard = self.inner.memory.read().ok()?;
+        guard.as_ref().map(GuestAddressSpace::memory)
+    }
+
+    /// Attaches or detaches the pair's tap queue to match whether the frontend enabled it,
+    /// so the kernel steers no flow to a queue nobody reads.
+    fn sync_attached(&self, pair: usize, worker: &mut Worker, vrings: &[Vring]) {
+        if self.inner.taps.len() < 2 {
+            return;
+        }
+        let enabled = vrings.iter().all(|v| {
+            let state = v.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        });
+        if worker.attached == Some(enabled) {
+            return;
+        }
+        if let Some(tap) = self.inner.taps.get(pair) {
+            match tap.set_queue_attached(enabled) {
+                Ok(()) => {
+                    debug!(
+                        "queue pair {pair}: tap queue {}",
+                        if enabled { "attached" } else { "detached" }
+                    );
+                    worker.attached = Some(enabled);
+                }
+                Err(e) => {
+                    warn!(
+                        "queue pair {pair}: {}",
+                        vhost_device_common::error_chain(&e)
+                    );
+                    worker.attached = Some(enabled);
+                }
+            }
+        }
+    }
+
+    /// Moves frames from the tap into the RX queue until the tap is empty or the guest has
+    /// no more buffers (then the frame waits in `worker.pending`).
+    fn process_rx(&self, tap: &Tap, vring: &Vring, mem: &queue::Memory, worker: &mut Worker) {
+        {
+            let state = vring.get_ref();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return;
+            }
+        }
+        let neg = self.negotiated();
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let stats = &self.inner.stats;
+        let mut delivered = false;
+        loop {
+            if worker.pending == 0 {
+                match tap.read(&mut worker.frame) {
+                    Ok(n) => worker.pending = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        error!("reading tap {}: {e}", tap.name());
+                        break;
+                    }
+                }
+                if worker.pending == 0 {
+                    break;
+                }
+            }
+            let len = worker.pending;
+            let outcome = {
+                let mut state = vring.get_mut();
+                rx::deliver(
+                    state.get_queue_mut(),
+                    &**mem,
+                    &mut worker.frame[..len],
+                    &neg,
+                    &mut worker.rx,
+                )
+            };
+            match outcome {
+                Ok(RxOutcome::Delivered { .. }) => {
+                    stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    worker.pending = 0;
+                    delivered = true;
+                }
+                Ok(RxOutcome::Dropped(cause)) => {
+                    let cause = match cause {
+                        RxDrop::BadChain => DropCause::RxBadChain,
+                        RxDrop::TooLarge => DropCause::RxTooLarge,
+                        RxDrop::Runt => DropCause::RxRunt,
+                    };
+                    stats.dropped(cause, &format_args!("{len} bytes"));
+                    worker.pending = 0;
+                    delivered = true;
+                }
+                Ok(RxOutcome::NoBuffers) => {
+                    if !event_idx || !self.rearm_rx(vring, mem) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    error!("rx queue failed: {e}");
+                    break;
+                }
+            }
+        }
+        if delivered {
+            if let Err(e) = queue::notify(vring) {
+                error!("cannot signal the rx queue: {e}");
+            }
+        }
+    }
+
+    /// Out of RX buffers with EVENT_IDX: asks the guest to kick once it adds any buffer
+    /// beyond those it has already made available (`avail_event` = its current index), and
+    /// says whether it already has.
+    fn rearm_rx(&self, vring: &Vring, mem: &queue::Memory) -> bool {
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+        let start = q.next_avail();
+        let Ok(end) = q.avail_idx(&**mem, Ordering::Acquire) else {
+            return false;
+        };
+        q.set_next_avail(end.0);
+        let more = q.enable_notification(&**mem).unwrap_or(false);
+        q.set_next_avail(start);
+        more
+    }
+
+    /// Sends every available TX chain to the tap.
+    fn process_tx(&self, tap: &Tap, vring: &Vring, mem: &queue::Memory, worker: &mut Worker) {
+        let neg = self.negotiated();
+        let max_frame = tx::max_frame(self.inner.config.mtu);
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let stats = &self.inner.stats;
+        let scratch = &mut worker.tx;
+        let result = queue::drain(vring, mem, event_idx, |chain| {
+            let head = chain.head_index();
+            match tx::send(chain, &neg, max_frame, tap, scratch) {
+                TxOutcome::Sent(n) => {
+                    stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                TxOutcome::Dropped(drop) => {
+                    let cause = match drop {
+                        TxDrop::WriteOnlyDescriptor
+                        | TxDrop::BadAddress
+                        | TxDrop::TooManyDescriptors => DropCause::TxBadChain,
+                        TxDrop::ShortHeader => DropCause::TxShortHeader,
+                        TxDrop::TooLarge => DropCause::TxTooLarge,
+                        TxDrop::BadGso => DropCause::TxBadGso,
+                        TxDrop::Tap(_) => DropCause::TxTapError,
+                    };
+                    stats.dropped(cause, &format_args!("{drop:?}"));
+                }
+            }
+            if let Err(e) = vring.add_used(head, 0) {
+                error!("tx queue: cannot return a chain: {e}");
+            }
+        });
+        match result {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Err(e) = queue::notify(vring) {
+                    error!("cannot signal the tx queue: {e}");
+                }
+            }
+            Err(e) => error!("tx queue failed: {e}"),
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.config.queue_pairs) * 2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.inner.acked.store(features, Ordering::Release);
+        let neg = Negotiated::from_features(features);
+        for tap in self.inner.taps.iter() {
+            if let Err(e) = tap.set_vnet_hdr_len(neg.hdr_len) {
+                error!("{}", vhost_device_common::error_chain(&e));
+            }
+            if let Err(e) = tap.set_offloads(neg.tap_offloads()) {
+                error!("{}", vhost_device_common::error_chain(&e));
+            }
+        }
+        debug!(
+            "features acked: {features:#x}, tap offloads {:#x}",
+            neg.tap_offloads()
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        NetConfigSpace {
+            mac: self.inner.config.mac,
+            status: STATUS_LINK_UP,
+            max_virtqueue_pairs: self.inner.config.queue_pairs,
+            mtu: self.inner.config.mtu.unwrap_or(0),
+        }
+        .read(offset, size)
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        let mut slot = self
+            .inner
+            .memory
+            .write()
+            .map_err(|_| io::Error::other("memory lock poisoned"))?;
+        *slot = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.config.queue_pairs)
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        ExitEvents::pair()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        let (Some(tap), Some(worker), [rxq, txq, ..]) = (
+            self.inner.taps.get(thread_id),
+            self.inner.workers.get(thread_id),
+            vrings,
+        ) else {
+            return Ok(());
+        };
+        let Ok(mut worker) = worker.lock() else {
+            return Err(io::Error::other("worker state poisoned"));
+        };
+        self.sync_attached(thread_id, &mut worker, vrings);
+        match u64::from(device_event) {
+            0 => self.process_rx(tap, rxq, &mem, &mut worker),
+            1 => self.process_tx(tap, txq, &mem, &mut worker),
+            e if e == self.tap_event() => self.process_rx(tap, rxq, &mem, &mut worker),
+            e => debug!("unexpected event {e} on worker {thread_id}"),
+        }
+        Ok(())
+    }
+}
