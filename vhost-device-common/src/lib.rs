@@ -29,7 +29,7 @@ use std::fmt::Write as _;
 
 pub use exit::ExitEvents;
 pub use listener::SocketListener;
-pub use serve::{serve, Device};
+pub use serve::{serve, serve_many, Device};
 
 /// The memory type every daemon maps the guest into.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;

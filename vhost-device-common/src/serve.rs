@@ -77,30 +77,52 @@ pub fn serve<D: Device>(device: Arc<D>, listener: SocketListener) -> Result<(), 
 where
     <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
 {
+    serve_many(vec![(device, listener)])
+}
+
+/// Serves several devices, each on its own listening socket, in one process until `SIGTERM`
+/// or `SIGINT` (e.g. one vsock device per VM). Each pair gets its own accept thread; the
+/// first that fails for good ends the daemon. Readiness is reported once all listen;
+/// `reload` and `shutdown` reach every device.
+///
+/// Blocks the handled signals first, so call it before the daemon starts any thread.
+pub fn serve_many<D: Device>(devices: Vec<(Arc<D>, SocketListener)>) -> Result<(), Error>
+where
+    <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
+{
     let signals = Signals::block().map_err(Error::Signals)?;
-    // The serving thread writes a byte here when it fails for good, to wake the main thread.
+    // A serving thread writes a byte here when it fails for good, to wake the main thread.
     let (failed, failed_writer) = std::os::unix::net::UnixStream::pair().map_err(Error::Signals)?;
     failed.set_nonblocking(true).map_err(Error::Signals)?;
     let failure: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
-    let origin = listener.origin().clone();
-    let where_ = listener.describe();
+    let mut origins = Vec::new();
+    let mut served = Vec::new();
 
-    let thread_device = device.clone();
-    let mut thread_failed = failed_writer;
-    let thread_failure = failure.clone();
-    std::thread::Builder::new()
-        .name(format!("{}-accept", device.name()))
-        .spawn(move || {
-            let err = accept_loop(&*thread_device, listener);
-            if let Ok(mut slot) = thread_failure.lock() {
-                *slot = Some(err);
-            }
-            let _ = thread_failed.write_all(&[1]);
-        })
-        .map_err(Error::Thread)?;
-
-    info!("{}: listening on {where_}", device.name());
-    systemd::notify_ready(&format!("listening on {where_}"));
+    for (device, listener) in devices {
+        origins.push(listener.origin().clone());
+        let where_ = listener.describe();
+        let thread_device = device.clone();
+        let mut thread_failed = failed_writer.try_clone().map_err(Error::Signals)?;
+        let thread_failure = failure.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-accept", device.name()))
+            .spawn(move || {
+                let err = accept_loop(&*thread_device, listener);
+                if let Ok(mut slot) = thread_failure.lock() {
+                    slot.get_or_insert(err);
+                }
+                let _ = thread_failed.write_all(&[1]);
+            })
+            .map_err(Error::Thread)?;
+        info!("{}: listening on {where_}", device.name());
+        served.push((device, where_));
+    }
+    let status = match served.as_slice() {
+        [] => return Err(Error::Accept("no socket to serve".into())),
+        [(_, where_)] => format!("listening on {where_}"),
+        more => format!("listening on {} sockets", more.len()),
+    };
+    systemd::notify_ready(&status);
 
     let result = loop {
         let mut fds = [
@@ -122,7 +144,9 @@ where
         match signals.read() {
             Ok(Some(Request::Reload)) => {
                 info!("SIGHUP: reloading");
-                device.reload();
+                for (device, _) in &served {
+                    device.reload();
+                }
             }
             Ok(Some(Request::Terminate(sig))) => {
                 info!("{sig}: shutting down");
@@ -133,9 +157,13 @@ where
         }
     };
     systemd::notify_stopping();
-    device.shutdown();
-    if let Origin::Path(path) = origin {
-        let _ = std::fs::remove_file(path);
+    for (device, _) in &served {
+        device.shutdown();
+    }
+    for origin in origins {
+        if let Origin::Path(path) = origin {
+            let _ = std::fs::remove_file(path);
+        }
     }
     result
 }
