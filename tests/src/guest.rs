@@ -91,6 +91,9 @@ pub struct DaemonSpec {
     pub binary: String,
     /// Its arguments.
     pub args: Vec<String>,
+    /// A network namespace to run it in (`ip netns exec`), which the spec's host set-up
+    /// creates.
+    pub netns: Option<String>,
 }
 
 /// A vhost-user device attached to the guest through a socket.
@@ -165,7 +168,17 @@ impl Device {
         self.daemon = Some(DaemonSpec {
             binary: binary.to_string(),
             args: args.iter().map(ToString::to_string).collect(),
+            netns: None,
         });
+        self
+    }
+
+    /// Runs the device's daemon inside network namespace `ns` (set [`Device::daemon`] first).
+    #[must_use]
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        if let Some(d) = self.daemon.as_mut() {
+            d.netns = Some(ns.to_string());
+        }
         self
     }
 
@@ -218,6 +231,9 @@ pub struct GuestSpec {
     /// Shell run where the daemons run after the VM has exited; its output is
     /// [`GuestRun::host_output`].
     pub host_check: String,
+    /// Shell commands started in the background where the daemons run, after them and
+    /// before the VM (e.g. a host program the guest talks to); stopped after the VM exits.
+    pub host_background: Vec<String>,
 }
 
 impl GuestSpec {
@@ -233,6 +249,7 @@ impl GuestSpec {
             kernel_args: Vec::new(),
             host_setup: String::new(),
             host_check: String::new(),
+            host_background: Vec::new(),
         }
     }
 
@@ -304,6 +321,13 @@ impl GuestSpec {
     #[must_use]
     pub fn host_check(mut self, script: &str) -> Self {
         self.host_check = script.to_string();
+        self
+    }
+
+    /// Adds a background host command (see [`GuestSpec::host_background`]).
+    #[must_use]
+    pub fn host_background(mut self, script: &str) -> Self {
+        self.host_background.push(script.to_string());
         self
     }
 

@@ -19,8 +19,9 @@ use crate::guest::{
     Watch, GUEST_TAG,
 };
 use crate::paths;
-use crate::process::{wait_for_path, ChildGuard};
-use crate::qemu::{guest_image_or_skip, host_shell, lock_guests, skip, which, Accel, Qemu};
+use crate::qemu::{
+    guest_image_or_skip, host_shell, lock_guests, skip, start_host_side, which, Accel, Qemu,
+};
 
 /// The marker tag of the L2 guest.
 const L2_TAG: &str = "l2";
@@ -128,24 +129,7 @@ impl Vmm {
         let initrd = work.path().join("initrd.gz");
         compose_initrd(&paths::initrd(), &[&extra], &initrd)
             .map_err(|e| Error::Setup(format!("cannot write the guest initramfs: {e}")))?;
-        if !spec.host_setup.is_empty() {
-            host_shell(&spec.host_setup).map_err(Error::Setup)?;
-        }
-        let mut daemons = Vec::new();
-        for dev in &spec.devices {
-            let Some(d) = &dev.daemon else { continue };
-            let mut cmd = Command::new(paths::bin_path(&d.binary));
-            cmd.args(dev.daemon_args());
-            daemons
-                .push(ChildGuard::spawn(&d.binary, cmd).map_err(|e| Error::Setup(e.to_string()))?);
-            if !wait_for_path(&dev.socket, Duration::from_secs(10)) {
-                return Err(Error::Setup(format!(
-                    "{} did not create {}",
-                    d.binary,
-                    dev.socket.display()
-                )));
-            }
-        }
+        let mut daemons = start_host_side(spec)?;
         let mut cmd = Command::new(paths::bin_path("vmm-frontend"));
         cmd.args(Self::vmm_args(
             spec,
@@ -199,9 +183,14 @@ impl Vmm {
         for (i, dev) in spec.devices.iter().enumerate() {
             let Some(d) = &dev.daemon else { continue };
             let args: Vec<String> = dev.daemon_args().iter().map(|a| shell_quote(a)).collect();
+            let netns = d
+                .netns
+                .as_ref()
+                .map(|ns| format!("ip netns exec {} ", shell_quote(ns)))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "/usr/bin/{} {} > /tmp/daemon{i}.log 2>&1 &\nD{i}=$!",
+                "{netns}/usr/bin/{} {} > /tmp/daemon{i}.log 2>&1 &\nD{i}=$!",
                 d.binary,
                 args.join(" ")
             );
@@ -213,6 +202,13 @@ impl Vmm {
                 bin = d.binary
             );
             pids.push(i);
+        }
+        for (i, script) in spec.host_background.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "setsid sh -c {} > /tmp/background{i}.log 2>&1 &\nB{i}=$!",
+                shell_quote(script)
+            );
         }
         let vmm: Vec<String> = Self::vmm_args(spec, "/l3/vmlinuz", "/l3/initrd.gz")
             .iter()
@@ -228,6 +224,12 @@ impl Vmm {
                 s,
                 "kill -TERM $D{i} 2>/dev/null; wait $D{i}; echo \"@@E2E-DAEMON{i} rc=$?@@\"\n\
                  echo '--- daemon{i} log ---'; cat /tmp/daemon{i}.log"
+            );
+        }
+        for i in 0..spec.host_background.len() {
+            let _ = writeln!(
+                s,
+                "kill -TERM -$B{i} 2>/dev/null; kill -TERM $B{i} 2>/dev/null"
             );
         }
         s.push_str("echo @@E2E-HOST-BEGIN@@\n");

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct ChildGuard {
     child: Option<Child>,
     name: String,
+    group: bool,
+    status: Option<std::process::ExitStatus>,
 }
 
 impl ChildGuard {
@@ -31,7 +33,19 @@ impl ChildGuard {
         Ok(ChildGuard {
             child: Some(child),
             name: name.to_string(),
+            group: false,
+            status: None,
         })
+    }
+
+    /// Spawns `sh -c script` as the leader of a new process group; the whole group is
+    /// killed on drop (a pipeline's processes too).
+    pub fn spawn_shell_group(name: &str, script: &str) -> std::io::Result<Self> {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", script]).process_group(0);
+        let mut guard = Self::spawn(name, cmd)?;
+        guard.group = true;
+        Ok(guard)
     }
 
     /// The child's PID.
@@ -66,15 +80,27 @@ impl ChildGuard {
     }
 
     /// Sends a signal to the child by PID.
+    ///
+    /// A shell group gets it as a group. Nothing is sent once the child has been reaped, so
+    /// a recycled PID is never hit.
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> nix::Result<()> {
-        let pid = i32::try_from(self.pid()).map_err(|_| nix::errno::Errno::ESRCH)?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        if self.status.is_some() {
+            return Ok(());
+        }
+        let pid = nix::unistd::Pid::from_raw(
+            i32::try_from(self.pid()).map_err(|_| nix::errno::Errno::ESRCH)?,
+        );
+        if self.group {
+            nix::sys::signal::killpg(pid, signal)
+        } else {
+            nix::sys::signal::kill(pid, signal)
+        }
     }
 
     /// Sends SIGTERM and waits up to `timeout` for a clean exit; SIGKILL after that.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        if self.try_wait().is_some() {
-            return self.try_wait();
+        if let Some(status) = self.try_wait() {
+            return Some(status);
         }
         let _ = self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = self.wait_timeout(timeout);
@@ -84,13 +110,15 @@ impl ChildGuard {
         status
     }
 
-    /// Kills the child (by PID) and reaps it.
+    /// Kills the child (by PID; a shell group as a group) and reaps it.
     pub fn kill(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        // The child is unreaped here, so its PID (and group ID) still names it.
+        let _ = self.signal(nix::sys::signal::Signal::SIGKILL);
         if let Some(child) = self.child.as_mut() {
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            self.status = child.wait().ok();
         }
     }
 

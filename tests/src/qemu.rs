@@ -11,7 +11,7 @@ use crate::guest::{
     GUEST_TAG,
 };
 use crate::paths;
-use crate::process::{wait_for_path, ChildGuard};
+use crate::process::ChildGuard;
 
 /// The accelerator QEMU runs the guest with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,25 +276,7 @@ impl Qemu {
         let initrd = work.path().join("initrd.gz");
         compose_initrd(&paths::initrd(), &[&extra], &initrd)
             .map_err(|e| Error::Setup(format!("cannot write the guest initramfs: {e}")))?;
-        if !spec.host_setup.is_empty() {
-            host_shell(&spec.host_setup).map_err(Error::Setup)?;
-        }
-        let mut daemons = Vec::new();
-        for dev in &spec.devices {
-            let Some(d) = &dev.daemon else { continue };
-            let mut cmd = Command::new(paths::bin_path(&d.binary));
-            cmd.args(dev.daemon_args());
-            let guard =
-                ChildGuard::spawn(&d.binary, cmd).map_err(|e| Error::Setup(e.to_string()))?;
-            if !wait_for_path(&dev.socket, Duration::from_secs(10)) {
-                return Err(Error::Setup(format!(
-                    "{} did not create {} within 10 s",
-                    d.binary,
-                    dev.socket.display()
-                )));
-            }
-            daemons.push(guard);
-        }
+        let mut daemons = start_host_side(spec)?;
         let watch = Watch {
             launcher: self.describe(),
             tag: GUEST_TAG.to_string(),
@@ -322,6 +304,57 @@ impl Qemu {
             retried: false,
         })
     }
+}
+
+/// Runs the spec's host side where the daemons run on this host: the set-up script, the
+/// daemons (waiting for their sockets), then the background commands. Everything returned
+/// is stopped when dropped.
+pub fn start_host_side(spec: &GuestSpec) -> Result<Vec<ChildGuard>, Error> {
+    if !spec.host_setup.is_empty() {
+        host_shell(&spec.host_setup).map_err(Error::Setup)?;
+    }
+    let mut started = Vec::new();
+    for dev in &spec.devices {
+        let Some(d) = &dev.daemon else { continue };
+        let mut cmd = match &d.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(paths::bin_path(&d.binary));
+                c
+            }
+            None => Command::new(paths::bin_path(&d.binary)),
+        };
+        cmd.args(dev.daemon_args());
+        let mut guard =
+            ChildGuard::spawn(&d.binary, cmd).map_err(|e| Error::Setup(e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dev.socket.exists() && Instant::now() < deadline {
+            if let Some(status) = guard.try_wait() {
+                return Err(Error::Setup(format!(
+                    "{} exited ({status}) before creating {}",
+                    d.binary,
+                    dev.socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !dev.socket.exists() {
+            return Err(Error::Setup(format!(
+                "{} did not create {} within 10 s",
+                d.binary,
+                dev.socket.display()
+            )));
+        }
+        started.push(guard);
+    }
+    for (i, script) in spec.host_background.iter().enumerate() {
+        started.push(
+            ChildGuard::spawn_shell_group(&format!("background {i}"), script)
+                .map_err(|e| Error::Setup(e.to_string()))?,
+        );
+    }
+    Ok(started)
 }
 
 /// Runs a shell snippet on the host, returning its output (or the output and status on
