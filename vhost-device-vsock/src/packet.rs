@@ -1,0 +1,405 @@
+//! The virtio-vsock packet header and the parsing of packets out of descriptor chains.
+//!
+//! A packet is a 44-byte little-endian header followed by `len` bytes of payload (virtio 1.2,
+//! 5.10.6). On the TX queue the driver places header and payload in device-readable
+//! descriptors, split across descriptors in any way it likes; on the RX queue the driver
+//! offers device-writable buffers the device fills with a header and as much payload as fits.
+//!
+//! Everything here is read from guest memory and so is hostile: descriptors may be of the
+//! wrong direction, too short, point outside guest memory, or declare a payload longer than
+//! the chain carries or longer than any packet may be. Each such chain is refused with a
+//! precise [`Error`] and never read or written outside guest memory (all accesses go
+//! through `vm-memory`).
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+/// The guest memory type packets are read from.
+pub type Memory = vhost_device_common::GuestMemory;
+
+/// Size of the packet header on the wire.
+pub const HEADER_LEN: usize = 44;
+/// [`HEADER_LEN`] as a used-ring length.
+pub const HEADER_LEN_U32: u32 = 44;
+/// The largest payload a TX packet may carry (Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// The host's well-known CID.
+pub const HOST_CID: u64 = 2;
+
+/// `type`: connection-oriented stream.
+pub const TYPE_STREAM: u16 = 1;
+/// `type`: connection-oriented, message-boundary preserving (`VIRTIO_VSOCK_F_SEQPACKET`).
+pub const TYPE_SEQPACKET: u16 = 2;
+
+/// `op` values.
+pub mod op {
+    /// Connection request.
+    pub const REQUEST: u16 = 1;
+    /// Connection accepted.
+    pub const RESPONSE: u16 = 2;
+    /// Connection reset (refused, aborted or closed).
+    pub const RST: u16 = 3;
+    /// One or both directions shut down; flags say which.
+    pub const SHUTDOWN: u16 = 4;
+    /// Data.
+    pub const RW: u16 = 5;
+    /// The sender's receive buffer state changed.
+    pub const CREDIT_UPDATE: u16 = 6;
+    /// The sender asks for a `CREDIT_UPDATE`.
+    pub const CREDIT_REQUEST: u16 = 7;
+}
+
+/// `flags` of a `SHUTDOWN`: the sender will receive no more.
+pub const SHUTDOWN_RCV: u32 = 1;
+/// `flags` of a `SHUTDOWN`: the sender will send no more.
+pub const SHUTDOWN_SEND: u32 = 2;
+/// `flags` of a SEQPACKET `RW`: last fragment of a message.
+pub const SEQ_EOM: u32 = 1;
+/// `flags` of a SEQPACKET `RW`: last fragment of a record (`MSG_EOR`).
+pub const SEQ_EOR: u32 = 2;
+
+/// Why a descriptor chain is not a usable packet.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A TX chain has a device-writable descriptor.
+    #[error("unexpected device-writable descriptor in a TX chain")]
+    UnexpectedWriteOnlyDescriptor,
+    /// An RX chain has a device-readable descriptor.
+    #[error("unexpected device-readable descriptor in an RX chain")]
+    UnexpectedReadOnlyDescriptor,
+    /// The chain is shorter than a packet header.
+    #[error("descriptor chain too short for a packet header ({0} bytes)")]
+    DescriptorChainTooShort(usize),
+    /// The header declares more payload than a packet may carry.
+    #[error("packet length {0} exceeds the maximum payload")]
+    PayloadTooLong(u32),
+    /// The header declares more payload than the chain carries.
+    #[error("packet declares {declared} payload bytes but the chain carries {available}")]
+    PayloadTooShort {
+        /// `len` from the header.
+        declared: u32,
+        /// What the descriptors hold after the header.
+        available: usize,
+    },
+    /// A descriptor points outside guest memory.
+    #[error("descriptor outside guest memory")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// The packet header, decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    /// Source CID.
+    pub src_cid: u64,
+    /// Destination CID.
+    pub dst_cid: u64,
+    /// Source port.
+    pub src_port: u32,
+    /// Destination port.
+    pub dst_port: u32,
+    /// Payload length.
+    pub len: u32,
+    /// Socket type (`TYPE_STREAM`, `TYPE_SEQPACKET`).
+    pub type_: u16,
+    /// Operation (see [`op`]).
+    pub op: u16,
+    /// Operation-specific flags.
+    pub flags: u32,
+    /// The sender's receive buffer size.
+    pub buf_alloc: u32,
+    /// Bytes the sender has consumed from its receive buffer, modulo 2^32.
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    /// Decodes a header from its wire form.
+    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let u32_at = |o: usize| {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(&b[o..o + 4]);
+            u32::from_le_bytes(a)
+        };
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    /// Encodes the header in its wire form.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    /// The header of a reply to `self`: addresses swapped, same type, no payload.
+    pub fn reply(&self, op: u16) -> Self {
+        Header {
+            src_cid: self.dst_cid,
+            dst_cid: self.src_cid,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            len: 0,
+            type_: self.type_,
+            op,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }
+    }
+}
+
+/// A guest memory range of one descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    addr: GuestAddress,
+    len: usize,
+}
+
+/// The memory ranges of a chain, after skipping `skip` bytes, limited to `limit` bytes.
+fn segments_after(segs: &[Segment], skip: usize, limit: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut skip = skip;
+    let mut left = limit;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let len = (s.len - skip).min(left);
+        // Cannot overflow: the descriptor was checked to lie inside guest memory.
+        out.push(Segment {
+            addr: GuestAddress(s.addr.0.wrapping_add(skip as u64)),
+            len,
+        });
+        left -= len;
+        skip = 0;
+    }
+    out
+}
+
+/// Checks that every segment lies in guest memory.
+fn check_segments(mem: &Memory, segs: &[Segment]) -> Result<(), Error> {
+    for s in segs {
+        for slice in mem.get_slices(s.addr, s.len) {
+            slice.map_err(Error::Memory)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `buf.len()` bytes from the start of the segments into `buf`.
+fn read_prefix(mem: &Memory, segs: &[Segment], buf: &mut [u8]) -> Result<(), Error> {
+    let mut done = 0;
+    for s in segments_after(segs, 0, buf.len()) {
+        for slice in mem.get_slices(s.addr, s.len) {
+            let slice = slice.map_err(Error::Memory)?;
+            let n = slice.copy_to(&mut buf[done..]);
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// Iterates over the guest memory slices of `segs`, in order.
+fn for_each_slice<E>(
+    mem: &Memory,
+    segs: &[Segment],
+    mut f: impl FnMut(VolatileSlice<'_, ()>) -> Result<bool, E>,
+) -> Result<(), E>
+where
+    E: From<Error>,
+{
+    for s in segs {
+        for slice in mem.get_slices(s.addr, s.len) {
+            let slice = slice.map_err(Error::Memory)?;
+            if !f(slice)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A packet the driver placed on the TX queue: its header and where its payload lies.
+#[derive(Debug, Clone)]
+pub struct TxPacket {
+    /// The decoded header.
+    pub hdr: Header,
+    payload: Vec<Segment>,
+}
+
+impl TxPacket {
+    /// Parses a TX chain given as `(address, length, write_only)` descriptors.
+    pub fn parse<I>(mem: &Memory, descriptors: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = (GuestAddress, u32, bool)>,
+    {
+        let mut segs = Vec::new();
+        let mut total: usize = 0;
+        for (addr, len, write_only) in descriptors {
+            if write_only {
+                return Err(Error::UnexpectedWriteOnlyDescriptor);
+            }
+            let len = len as usize;
+            segs.push(Segment { addr, len });
+            total = total.saturating_add(len);
+            // Nothing beyond the largest packet is ever read: stop collecting.
+            if total >= HEADER_LEN + MAX_PAYLOAD {
+                break;
+            }
+        }
+        if total < HEADER_LEN {
+            return Err(Error::DescriptorChainTooShort(total));
+        }
+        check_segments(mem, &segs)?;
+        let mut raw = [0u8; HEADER_LEN];
+        read_prefix(mem, &segs, &mut raw)?;
+        let hdr = Header::from_bytes(&raw);
+        let declared = hdr.len as usize;
+        if declared > MAX_PAYLOAD {
+            return Err(Error::PayloadTooLong(hdr.len));
+        }
+        let available = total - HEADER_LEN;
+        if declared > available {
+            return Err(Error::PayloadTooShort {
+                declared: hdr.len,
+                available,
+            });
+        }
+        let payload = segments_after(&segs, HEADER_LEN, declared);
+        Ok(TxPacket { hdr, payload })
+    }
+
+    /// The payload length (`hdr.len`, checked against the chain).
+    pub fn payload_len(&self) -> usize {
+        self.hdr.len as usize
+    }
+
+    /// Calls `f` with each guest memory slice of the payload, in order, while it returns
+    /// `Ok(true)`.
+    pub fn for_each_payload_slice<E: From<Error>>(
+        &self,
+        mem: &Memory,
+        f: impl FnMut(VolatileSlice<'_, ()>) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        for_each_slice(mem, &self.payload, f)
+    }
+
+    /// Copies the payload out of guest memory.
+    pub fn payload_to_vec(&self, mem: &Memory) -> Result<Vec<u8>, Error> {
+        let mut out = vec![0u8; self.payload_len()];
+        let mut done = 0;
+        self.for_each_payload_slice::<Error>(mem, |s| {
+            done += s.copy_to(&mut out[done..]);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+}
+
+/// A buffer the driver offered on the RX queue.
+#[derive(Debug, Clone)]
+pub struct RxBuffer {
+    segs: Vec<Segment>,
+    capacity: usize,
+}
+
+impl RxBuffer {
+    /// Parses an RX chain given as `(address, length, write_only)` descriptors.
+    pub fn parse<I>(mem: &Memory, descriptors: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = (GuestAddress, u32, bool)>,
+    {
+        let mut segs = Vec::new();
+        let mut total: usize = 0;
+        for (addr, len, write_only) in descriptors {
+            if !write_only {
+                return Err(Error::UnexpectedReadOnlyDescriptor);
+            }
+            let len = len as usize;
+            segs.push(Segment { addr, len });
+            total = total.saturating_add(len);
+            if total >= HEADER_LEN + MAX_PAYLOAD {
+                break;
+            }
+        }
+        if total < HEADER_LEN {
+            return Err(Error::DescriptorChainTooShort(total));
+        }
+        check_segments(mem, &segs)?;
+        Ok(RxBuffer {
+            segs,
+            capacity: (total - HEADER_LEN).min(MAX_PAYLOAD),
+        })
+    }
+
+    /// How many payload bytes fit after the header.
+    pub fn payload_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Writes the header at the start of the buffer.
+    pub fn write_header(&self, mem: &Memory, hdr: &Header) -> Result<(), Error> {
+        let raw = hdr.to_bytes();
+        let mut done = 0;
+        for s in segments_after(&self.segs, 0, HEADER_LEN) {
+            for slice in mem.get_slices(s.addr, s.len) {
+                let slice = slice.map_err(Error::Memory)?;
+                let n = slice.len().min(HEADER_LEN - done);
+                slice.copy_from(&raw[done..done + n]);
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with each guest memory slice of the payload area (at most `limit` bytes),
+    /// in order, while it returns `Ok(true)`.
+    pub fn for_each_payload_slice<E: From<Error>>(
+        &self,
+        mem: &Memory,
+        limit: usize,
+        f: impl FnMut(VolatileSlice<'_, ()>) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let segs = segments_after(&self.segs, HEADER_LEN, limit.min(self.capacity));
+        for_each_slice(mem, &segs, f)
+    }
+
+    /// Copies `data` (at most the capacity) into the payload area; returns the bytes copied.
+    pub fn write_payload(&self, mem: &Memory, data: &[u8]) -> Result<usize, Error> {
+        let mut done = 0;
+        self.for_each_payload_slice::<Error>(mem, data.len(), |s| {
+            let n = s.len().min(data.len() - done);
+            s.copy_from(&data[done..done + n]);
+            done += n;
+            Ok(done < data.len())
+        })?;
+        Ok(done)
+    }
+}
