@@ -1,5 +1,6 @@
 //! Project tasks, after the cargo-xtask convention: `cargo xtask <task>`.
 
+mod demo;
 mod deps;
 mod guest;
 mod test;
@@ -8,6 +9,8 @@ mod util;
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  demo             the main job: a guest booted by vmm-frontend with all four daemons
+                   attached, using each device; needs nothing else
   test [-- ARGS]   the whole test suite: installs what is missing (as root), builds the
                    guest image, then fmt --check, clippy -D warnings, cargo test --workspace
   guest            build the test guest (Debian cloud kernel + initramfs) into target/guest
@@ -26,6 +29,7 @@ fn main() {
                 .collect();
             test::run_all(&rest)
         }
+        Some("demo") => demo::run_demo(),
         Some("guest") => deps::ensure_packages().and_then(|()| guest::build()),
         Some("deps") => deps::ensure_packages(),
         Some("-h" | "--help" | "help") => {
