@@ -186,6 +186,9 @@ impl ConsoleBackend {
         mem: &Memory,
         event_idx: bool,
     ) -> std::io::Result<()> {
+        if !enabled(vring) {
+            return Ok(());
+        }
         let mut messages = Vec::new();
         let mut faults = Vec::new();
         let count = queue::drain(vring, mem, event_idx, |chain: Chain| {
@@ -303,6 +306,11 @@ impl ConsoleBackend {
     }
 }
 
+/// Whether the frontend enabled `vring` (a disabled ring must not be touched).
+fn enabled(vring: &Vring) -> bool {
+    vring.get_ref().is_enabled()
+}
+
 /// Guest output: transmit chains to the port, while it has room.
 fn transmit(
     conn: &mut Connection,
@@ -311,7 +319,7 @@ fn transmit(
     mem: &Memory,
     event_idx: bool,
 ) -> std::io::Result<()> {
-    if !port.output_room() {
+    if !enabled(vring) || !port.output_room() {
         return Ok(());
     }
     let mut faults = Vec::new();
@@ -371,7 +379,7 @@ fn receive(
     mem: &Memory,
     event_idx: bool,
 ) -> std::io::Result<()> {
-    if !port.has_input() {
+    if !enabled(vring) || !port.has_input() {
         return Ok(());
     }
     let mut faults = Vec::new();
@@ -417,7 +425,7 @@ fn control_rx(
     mem: &Memory,
     event_idx: bool,
 ) -> std::io::Result<()> {
-    if conn.control_out.is_empty() {
+    if !enabled(vring) || conn.control_out.is_empty() {
         return Ok(());
     }
     let mut faults = Vec::new();

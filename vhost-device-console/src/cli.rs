@@ -16,7 +16,8 @@ pub struct Args {
     pub common: CommonArgs,
 
     /// Host endpoint of the ports: stdio, pty, tcp=ADDR:PORT or unix=PATH. With several
-    /// ports, port i listens on TCP port PORT+i or on PATH.i, or gets a pty of its own.
+    /// ports, port i listens on TCP port PORT+i (each on a free port for PORT 0) or on
+    /// PATH.i, or gets a pty of its own. Where to connect is logged at start.
     #[arg(long, value_name = "BACKEND")]
     pub backend: Option<String>,
 

@@ -184,6 +184,8 @@ impl Config {
                 Backend::Stdio if ports > 1 => return Err(ConfigError::StdioMultiport(ports)),
                 Backend::Stdio => Endpoint::Stdio,
                 Backend::Pty => Endpoint::Pty,
+                // Port 0 asks the kernel for a free port, for every console port alike.
+                Backend::Tcp(addr) if addr.port() == 0 => Endpoint::Tcp(*addr),
                 Backend::Tcp(addr) => {
                     let port = u16::try_from(u32::from(addr.port()) + i).map_err(|_| {
                         ConfigError::TcpPortRange {
@@ -262,6 +264,11 @@ mod tests {
             ]
         );
         assert!(c.multiport());
+        let c = Config::new("tcp=127.0.0.1:0".parse().unwrap(), 2, 10, None, None).unwrap();
+        assert_eq!(
+            c.ports[1].endpoint,
+            Endpoint::Tcp("127.0.0.1:0".parse().unwrap())
+        );
         let c = Config::new(Backend::Unix("/r/c".into()), 2, 10, None, None).unwrap();
         assert_eq!(c.ports[1].endpoint, Endpoint::Unix("/r/c.1".into()));
         assert_eq!(c.ports[1].name, "console.1");

@@ -23,9 +23,6 @@ use crate::config::Endpoint;
 use crate::port::Port;
 use crate::terminal;
 
-/// The peer shut its writing side (not among nix's named flags).
-const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(libc::POLLRDHUP);
-
 /// Largest read or write in one step.
 const CHUNK: usize = 4096;
 /// How often a pty without a client is checked for one, and a pty's size for changes.
@@ -238,7 +235,9 @@ fn serve_listener(port: &Port, listener: &OwnedFd) {
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
         ];
         if let Some(c) = &client {
-            let mut events = POLLRDHUP;
+            // No POLLRDHUP: nix's `revents()` reads a flag it does not name as "no events"
+            // (a busy loop); a peer's close shows as POLLIN with an end of file, or POLLHUP.
+            let mut events = PollFlags::empty();
             if port.input_room() > 0 {
                 events |= PollFlags::POLLIN;
             }
@@ -259,8 +258,7 @@ fn serve_listener(port: &Port, listener: &OwnedFd) {
 
         if let Some(c) = &client {
             let mut gone = false;
-            if client_ready
-                .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR | POLLRDHUP)
+            if client_ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
             {
                 // Read first: a client that sent a line and closed still gets it delivered.
                 loop {

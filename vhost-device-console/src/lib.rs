@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use vhost_device_common::capabilities::Capabilities;
-use vhost_device_common::{serve, Error, SocketListener};
+use vhost_device_common::{serve, Device as _, Error, SocketListener};
 
 pub use config::Config;
 
@@ -59,9 +59,16 @@ pub fn run(args: cli::Args) -> Result<(), Error> {
 
     let common = args.common.clone();
     let config = Config::try_from(args).map_err(|e| Error::usage(e.to_string()))?;
-    let listener = SocketListener::open(&common)?;
     let device = device::ConsoleDevice::start(&config)
         .map_err(|e| Error::usage(vhost_device_common::error_chain(&e)))?;
+    let listener = match SocketListener::open(&common) {
+        Ok(listener) => listener,
+        Err(e) => {
+            // Leave nothing behind: the terminal as it was, no socket files.
+            device.shutdown();
+            return Err(e.into());
+        }
+    };
     let device = Arc::new(device);
     let result = serve(device.clone(), listener);
     terminal::restore_all();
