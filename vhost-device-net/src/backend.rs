@@ -322,6 +322,8 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // CONFIG serves GET_CONFIG (MAC, status, pairs, MTU) to frontends that ask, like
+        // vmm-frontend; QEMU's netdev does not and only warns that it will not use it.
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
