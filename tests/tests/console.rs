@@ -373,7 +373,7 @@ fn unix_socket_bytes_both_ways_and_a_limited_history() {
 }
 
 #[test]
-fn pty_carries_bytes_replays_history_and_reports_its_size() {
+fn pty_carries_bytes_replays_history_and_notifies_resizes() {
     let d = Daemon::start(|_| args(&["--backend", "pty"]));
     let pty = d.endpoint("): pty ");
     let mut drv = Driver::connect(&d.sock, 2);
@@ -394,7 +394,13 @@ fn pty_carries_bytes_replays_history_and_reports_its_size() {
     drv.send(1, b"prompt$ ");
     read_until(&mut slave, b"prompt$ ");
 
+    let seen = drv.fe.config_changes();
     set_window_size(&slave, 132, 43);
+    // The frontend hears of it on the backend request channel (CONFIG_CHANGE_MSG) ...
+    drv.fe
+        .wait_config_change(seen, TIMEOUT)
+        .expect("a config-change notification after the resize");
+    // ... and reads the new size from the config space.
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let cfg = drv.fe.get_config(0, 4).expect("GET_CONFIG");
@@ -557,7 +563,7 @@ fn stdio_through_pipes() {
 }
 
 #[test]
-fn stdio_terminal_is_raw_while_serving_and_restored_on_sigterm() {
+fn stdio_terminal_is_raw_follows_sigwinch_and_is_restored_on_sigterm() {
     use nix::sys::termios::{tcgetattr, LocalFlags};
     let master =
         nix::pty::posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY).unwrap();
@@ -588,6 +594,16 @@ fn stdio_terminal_is_raw_while_serving_and_restored_on_sigterm() {
             .intersects(LocalFlags::ECHO | LocalFlags::ICANON),
         "the daemon puts its terminal in raw mode"
     );
+    // SIGWINCH: the terminal's new size reaches the config space and the frontend.
+    let mut drv = Driver::connect(&d.sock, 2);
+    let seen = drv.fe.config_changes();
+    set_window_size(&tty, 90, 20);
+    d.child.signal(nix::sys::signal::Signal::SIGWINCH).unwrap();
+    drv.fe
+        .wait_config_change(seen, TIMEOUT)
+        .expect("a config-change notification after SIGWINCH");
+    assert_eq!(drv.fe.get_config(0, 4).unwrap(), [90, 0, 20, 0]);
+    drop(drv);
     let status = d
         .child
         .terminate(TIMEOUT)

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -54,7 +55,7 @@ struct GuestPort {
 }
 
 /// What belongs to one frontend connection.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Connection {
     mem: Option<GuestMemoryAtomic>,
     event_idx: bool,
@@ -63,6 +64,23 @@ struct Connection {
     ports: Vec<GuestPort>,
     control_out: VecDeque<Vec<u8>>,
     faults_logged: HashSet<&'static str>,
+    /// The backend request channel, for config-change notifications.
+    backend_req: Option<Backend>,
+    /// Port 0's size generation the frontend last heard of through that channel.
+    config_generation: u64,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("event_idx", &self.event_idx)
+            .field("acked", &format_args!("{:#x}", self.acked))
+            .field("device_ready", &self.device_ready)
+            .field("ports", &self.ports)
+            .field("control_out", &self.control_out.len())
+            .field("backend_req", &self.backend_req.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connection {
@@ -139,6 +157,7 @@ impl ConsoleBackend {
 
     /// One pass over the device (see the module documentation).
     fn pump(&self, vrings: &[Vring]) -> std::io::Result<()> {
+        self.notify_config_change();
         let mut conn = self.conn();
         let Some(atomic) = conn.mem.clone() else {
             return Ok(());
@@ -176,6 +195,27 @@ impl ConsoleBackend {
             }
         }
         Ok(())
+    }
+
+    /// Tells the frontend that port 0's size (in the config space) changed, through the
+    /// backend request channel, without holding the connection lock while it answers.
+    fn notify_config_change(&self) {
+        let Some(generation) = self.inner.ports.first().map(|p| p.lock().size_generation) else {
+            return;
+        };
+        let channel = {
+            let mut conn = self.conn();
+            if conn.config_generation == generation {
+                return;
+            }
+            conn.config_generation = generation;
+            conn.backend_req.clone()
+        };
+        let Some(channel) = channel else { return };
+        if let Err(e) = channel.handle_config_change() {
+            self.conn()
+                .fault("frontend refused a config-change notification", &e);
+        }
     }
 
     /// Reads the driver's control messages.
@@ -507,6 +547,19 @@ impl VhostUserBackend for ConsoleBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        let generation = self
+            .inner
+            .ports
+            .first()
+            .map_or(0, |p| p.lock().size_generation);
+        let mut conn = self.conn();
+        conn.backend_req = Some(backend);
+        // Only changes from now on are news to this frontend.
+        conn.config_generation = generation;
     }
 
     fn reset_device(&self) {

@@ -146,6 +146,14 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    // PATCH(vhost-devices): forward VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no payload) to the
+    // frontend. Upstream 0.18 keeps the trait's ENOSYS default here, so no backend built on
+    // this crate can tell its frontend that the config space changed (console resize).
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_message(BackendReq::CONFIG_CHANGE_MSG, &VhostUserEmpty, None)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
