@@ -53,7 +53,7 @@ struct Worker {
     pending: usize,
     rx: RxScratch,
     tx: TxScratch,
-    /// Whether this pair's tap queue is attached (multi-queue taps only; `None`: unknown).
+    /// Whether this pair's tap queue is attached (multi-queue taps only).
     attached: Option<bool>,
 }
 
@@ -85,10 +85,12 @@ impl NetBackend {
                     pending: 0,
                     rx: RxScratch::default(),
                     tx: TxScratch::default(),
-                    attached: None,
+                    // TUNSETIFF attached every queue.
+                    attached: Some(true),
                 })
             })
             .collect();
+        let stats = Stats::new(usize::from(config.queue_pairs));
         NetBackend {
             inner: Arc::new(Inner {
                 features: device_features(config.queue_pairs, config.mtu),
@@ -98,7 +100,7 @@ impl NetBackend {
                 event_idx: AtomicBool::new(false),
                 memory: RwLock::new(None),
                 workers,
-                stats: Stats::default(),
+                stats,
             }),
         }
     }
@@ -157,7 +159,14 @@ impl NetBackend {
 
     /// Moves frames from the tap into the RX queue until the tap is empty or the guest has
     /// no more buffers (then the frame waits in `worker.pending`).
-    fn process_rx(&self, tap: &Tap, vring: &Vring, mem: &queue::Memory, worker: &mut Worker) {
+    fn process_rx(
+        &self,
+        pair: usize,
+        tap: &Tap,
+        vring: &Vring,
+        mem: &queue::Memory,
+        worker: &mut Worker,
+    ) {
         {
             let state = vring.get_ref();
             if !state.is_enabled() || !state.get_queue().ready() {
@@ -196,8 +205,7 @@ impl NetBackend {
             };
             match outcome {
                 Ok(RxOutcome::Delivered { .. }) => {
-                    stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    stats.received(pair, len);
                     worker.pending = 0;
                     delivered = true;
                 }
@@ -246,7 +254,14 @@ impl NetBackend {
     }
 
     /// Sends every available TX chain to the tap.
-    fn process_tx(&self, tap: &Tap, vring: &Vring, mem: &queue::Memory, worker: &mut Worker) {
+    fn process_tx(
+        &self,
+        pair: usize,
+        tap: &Tap,
+        vring: &Vring,
+        mem: &queue::Memory,
+        worker: &mut Worker,
+    ) {
         let neg = self.negotiated();
         let max_frame = tx::max_frame(self.inner.config.mtu);
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
@@ -256,8 +271,7 @@ impl NetBackend {
             let head = chain.head_index();
             match tx::send(chain, &neg, max_frame, tap, scratch) {
                 TxOutcome::Sent(n) => {
-                    stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.sent(pair, n);
                 }
                 TxOutcome::Dropped(drop) => {
                     let cause = match drop {
@@ -385,9 +399,9 @@ impl VhostUserBackend for NetBackend {
         };
         self.sync_attached(thread_id, &mut worker, vrings);
         match u64::from(device_event) {
-            0 => self.process_rx(tap, rxq, &mem, &mut worker),
-            1 => self.process_tx(tap, txq, &mem, &mut worker),
-            e if e == self.tap_event() => self.process_rx(tap, rxq, &mem, &mut worker),
+            0 => self.process_rx(thread_id, tap, rxq, &mem, &mut worker),
+            1 => self.process_tx(thread_id, tap, txq, &mem, &mut worker),
+            e if e == self.tap_event() => self.process_rx(thread_id, tap, rxq, &mem, &mut worker),
             e => debug!("unexpected event {e} on worker {thread_id}"),
         }
         Ok(())

@@ -62,9 +62,39 @@ pub struct Stats {
     /// Bytes sent to the tap, headers included.
     pub tx_bytes: AtomicU64,
     drops: [AtomicU64; 8],
+    /// Frames received and sent per queue pair.
+    pairs: Vec<[AtomicU64; 2]>,
 }
 
 impl Stats {
+    /// Counters for a device with `pairs` queue pairs.
+    pub fn new(pairs: usize) -> Self {
+        Stats {
+            pairs: (0..pairs)
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
+            ..Stats::default()
+        }
+    }
+
+    /// Counts a frame delivered to the guest on `pair`.
+    pub fn received(&self, pair: usize, bytes: usize) {
+        self.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        if let Some(p) = self.pairs.get(pair) {
+            p[0].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a frame sent to the tap from `pair`.
+    pub fn sent(&self, pair: usize, bytes: usize) {
+        self.tx_frames.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        if let Some(p) = self.pairs.get(pair) {
+            p[1].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a dropped packet and logs the cause at the 1st, 2nd, 4th, 8th... time.
     pub fn dropped(&self, cause: DropCause, detail: &dyn std::fmt::Display) {
         let index = DropCause::ALL.iter().position(|&d| d == cause).unwrap_or(0);
@@ -95,6 +125,13 @@ impl Stats {
             self.tx_bytes.load(Ordering::Relaxed),
             self.total_drops()
         );
+        for (i, p) in self.pairs.iter().enumerate() {
+            line.push_str(&format!(
+                "; pair {i}: rx {} tx {}",
+                p[0].load(Ordering::Relaxed),
+                p[1].load(Ordering::Relaxed)
+            ));
+        }
         for cause in DropCause::ALL {
             let n = self.drops(cause);
             if n > 0 {
@@ -111,7 +148,16 @@ mod tests {
 
     #[test]
     fn drops_are_counted_per_cause() {
-        let stats = Stats::default();
+        let stats = Stats::new(2);
+        stats.received(1, 100);
+        stats.sent(0, 60);
+        assert!(
+            stats
+                .summary()
+                .contains("pair 0: rx 0 tx 1; pair 1: rx 1 tx 0"),
+            "{}",
+            stats.summary()
+        );
         stats.dropped(DropCause::TxTooLarge, &"1600 bytes");
         stats.dropped(DropCause::TxTooLarge, &"1600 bytes");
         stats.dropped(DropCause::RxBadChain, &"x");
