@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 /// Flags common to all daemons; flatten into the daemon's own `clap::Parser`.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommonArgs {
     /// Unix socket to listen on for the vhost-user frontend (QEMU, Cloud Hypervisor,
     /// vmm-frontend). Not needed when systemd passes the socket (socket activation).

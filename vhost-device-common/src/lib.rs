@@ -17,6 +17,7 @@
 
 pub mod capabilities;
 pub mod cli;
+pub mod config;
 pub mod exit;
 pub mod listener;
 pub mod logging;

@@ -24,7 +24,9 @@ pub enum Error {
     #[error("no socket to listen on: pass --socket-path PATH (or --fd FD, or start under systemd socket activation)")]
     NoSocket,
     /// The path is served by a running process.
-    #[error("socket path {0} is in use by a running process: stop it or choose another --socket-path")]
+    #[error(
+        "socket path {0} is in use by a running process: stop it or choose another --socket-path"
+    )]
     InUse(PathBuf),
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket: remove it or choose another --socket-path")]
@@ -48,7 +50,9 @@ pub enum Error {
     #[error("file descriptor {0} is not a listening Unix socket: pass a socket in listening state with --fd")]
     BadFd(RawFd),
     /// systemd passed a number of sockets other than one.
-    #[error("systemd passed {0} sockets; the unit's .socket must declare exactly one ListenStream=")]
+    #[error(
+        "systemd passed {0} sockets; the unit's .socket must declare exactly one ListenStream="
+    )]
     SystemdCount(usize),
     /// Reading `LISTEN_FDS` failed.
     #[error("cannot read the sockets systemd passed")]
@@ -83,23 +87,34 @@ impl std::fmt::Debug for SocketListener {
 
 impl SocketListener {
     /// Finds the listening socket the way the command line and the environment say.
+    ///
+    /// A `--socket-path` naming the very socket systemd passed (the same configuration file
+    /// used with and without socket activation) takes systemd's socket instead of failing
+    /// on a path that is in use.
     pub fn open(args: &CommonArgs) -> Result<Self, Error> {
         if let Some(fd) = args.fd {
             return Self::from_fd(fd);
         }
+        let fds: Vec<RawFd> = sd_notify::listen_fds().map_err(Error::Systemd)?.collect();
         if let Some(path) = &args.socket_path {
+            if let [fd] = fds.as_slice() {
+                if bound_path(*fd).is_some_and(|bound| same_socket(&bound, path)) {
+                    return Self::from_systemd(*fd);
+                }
+            }
             return Self::bind(path);
         }
-        let fds: Vec<RawFd> = sd_notify::listen_fds().map_err(Error::Systemd)?.collect();
         match fds.as_slice() {
             [] => Err(Error::NoSocket),
-            [fd] => {
-                let mut listener = Self::from_fd(*fd)?;
-                listener.origin = Origin::Systemd;
-                Ok(listener)
-            }
+            [fd] => Self::from_systemd(*fd),
             more => Err(Error::SystemdCount(more.len())),
         }
+    }
+
+    fn from_systemd(fd: RawFd) -> Result<Self, Error> {
+        let mut listener = Self::from_fd(fd)?;
+        listener.origin = Origin::Systemd;
+        Ok(listener)
     }
 
     /// Binds a new listening socket at `path`, replacing a stale socket file that nobody
@@ -148,7 +163,8 @@ impl SocketListener {
         let unix_stream = matches!(
             getsockopt(&owned, sockopt::SockType),
             Ok(nix::sys::socket::SockType::Stream)
-        ) && nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd).is_ok();
+        ) && nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd)
+            .is_ok();
         if !listening || !unix_stream {
             // Hand the descriptor back untouched: it is not ours to close.
             std::mem::forget(owned);
@@ -196,6 +212,22 @@ impl Drop for SocketListener {
         if let Origin::Path(path) = &self.origin {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// The filesystem path a socket is bound to, if any.
+fn bound_path(fd: RawFd) -> Option<PathBuf> {
+    nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd)
+        .ok()
+        .and_then(|addr| addr.path().map(Path::to_path_buf))
+}
+
+/// Whether two paths name the same socket file.
+fn same_socket(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
     }
 }
 
@@ -257,6 +289,17 @@ mod tests {
             SocketListener::bind(&dir.path().join("no/such/dir.sock")).unwrap_err(),
             Error::NoDirectory(_)
         ));
+    }
+
+    #[test]
+    fn recognizes_the_same_socket_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let bound = bound_path(l.as_raw_fd()).unwrap();
+        assert!(same_socket(&bound, &path));
+        assert!(same_socket(&bound, &dir.path().join(".").join("s.sock")));
+        assert!(!same_socket(&bound, &dir.path().join("other.sock")));
     }
 
     #[test]

@@ -5,10 +5,7 @@ use sd_notify::NotifyState;
 
 /// Tells systemd (if it supervises this process) that the daemon accepts frontends now.
 pub fn notify_ready(status: &str) {
-    let _ = sd_notify::notify(
-        false,
-        &[NotifyState::Ready, NotifyState::Status(status)],
-    );
+    let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// Tells systemd the daemon is shutting down.
@@ -30,7 +27,8 @@ pub fn under_journal() -> bool {
     let Some((dev, ino)) = value.split_once(':') else {
         return false;
     };
-    let Ok(stat) = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr())) else {
+    let Ok(stat) = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr()))
+    else {
         return false;
     };
     dev.parse::<u64>().ok() == Some(stat.st_dev) && ino.parse::<u64>().ok() == Some(stat.st_ino)
