@@ -1,5 +1,10 @@
-//! Placeholder until the device lands.
+//! `vhost-device-blk`: see `--help`, and the library for everything else.
+
+use clap::Parser;
+
 fn main() {
-    eprintln!("not implemented yet");
-    std::process::exit(2);
+    let args = vhost_device_blk::cli::Args::parse();
+    std::process::exit(vhost_device_common::run_main("vhost-device-blk", || {
+        vhost_device_blk::run(args)
+    }));
 }

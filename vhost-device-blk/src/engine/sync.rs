@@ -1,0 +1,184 @@
+//! The synchronous engine: each job runs to completion in [`Engine::submit`].
+//!
+//! The system-call wrappers here are also what the io_uring engine falls back on to finish
+//! a short transfer.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use super::{fd_for, Done, Engine, IoVecs, Job, Op};
+use crate::disk::Disk;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// `preadv` until `iov` is full. Reading past the end of the image is an error (`EIO`).
+pub(crate) fn read_all(fd: RawFd, mut offset: u64, iov: &mut IoVecs) -> Result<(), i32> {
+    while !iov.is_empty() {
+        let v = iov.as_slice();
+        let count = i32::try_from(v.len()).map_err(|_| libc::EINVAL)?;
+        let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+        // SAFETY: `v` is a valid iovec array of `count` entries; each entry points into the
+        // guest memory mapping that `iov` keeps alive, and covers only bytes inside it
+        // (checked by `IoVecs::new`). The kernel writes at most those bytes.
+        let n = unsafe { libc::preadv(fd, v.as_ptr(), count, off) };
+        match n {
+            n if n > 0 => {
+                let n = n.unsigned_abs() as u64;
+                iov.advance(n);
+                offset += n;
+            }
+            0 => return Err(libc::EIO),
+            _ if errno() == libc::EINTR => {}
+            _ => return Err(errno()),
+        }
+    }
+    Ok(())
+}
+
+/// `pwritev2` until all of `iov` is written; `RWF_DSYNC` with `dsync`.
+pub(crate) fn write_all(
+    fd: RawFd,
+    mut offset: u64,
+    iov: &mut IoVecs,
+    dsync: bool,
+) -> Result<(), i32> {
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+    while !iov.is_empty() {
+        let v = iov.as_slice();
+        let count = i32::try_from(v.len()).map_err(|_| libc::EINVAL)?;
+        let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+        // SAFETY: `v` is a valid iovec array of `count` entries pointing into the guest
+        // memory mapping `iov` keeps alive; the kernel only reads those bytes.
+        let n = unsafe { libc::pwritev2(fd, v.as_ptr(), count, off, flags) };
+        match n {
+            n if n > 0 => {
+                let n = n.unsigned_abs() as u64;
+                iov.advance(n);
+                offset += n;
+            }
+            0 => return Err(libc::EIO),
+            _ if errno() == libc::EINTR => {}
+            _ => return Err(errno()),
+        }
+    }
+    Ok(())
+}
+
+/// `fallocate(mode)` on each range; a filesystem that cannot zero a range in place gets
+/// the zeroes written.
+pub(crate) fn fallocate(fd: RawFd, mode: i32, ranges: &[(u64, u64)]) -> Result<(), i32> {
+    for &(offset, len) in ranges {
+        let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+        let l = i64::try_from(len).map_err(|_| libc::EINVAL)?;
+        if l == 0 {
+            continue;
+        }
+        // SAFETY: fallocate only takes integers; `fd` is the image, open for the daemon's life.
+        let r = unsafe { libc::fallocate(fd, mode, off, l) };
+        if r != 0 {
+            let e = errno();
+            if e == libc::EOPNOTSUPP && mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+                write_zeroes(fd, offset, len)?;
+            } else {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes zeroes over a range with plain writes (the fallback for `FALLOC_FL_ZERO_RANGE`).
+fn write_zeroes(fd: RawFd, mut offset: u64, len: u64) -> Result<(), i32> {
+    let zeros = vec![0u8; 1 << 20];
+    let end = offset + len;
+    while offset < end {
+        let n = usize::try_from((end - offset).min(zeros.len() as u64)).unwrap_or(zeros.len());
+        let off = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+        // SAFETY: `zeros` is a live buffer of at least `n` bytes; the kernel only reads it.
+        let w = unsafe { libc::pwrite(fd, zeros.as_ptr().cast(), n, off) };
+        match w {
+            w if w > 0 => offset += w.unsigned_abs() as u64,
+            _ if errno() == libc::EINTR => {}
+            _ => return Err(if w == 0 { libc::EIO } else { errno() }),
+        }
+    }
+    Ok(())
+}
+
+/// `fdatasync`.
+pub(crate) fn flush(fd: RawFd) -> Result<(), i32> {
+    // SAFETY: fdatasync takes an integer descriptor, the image open for the daemon's life.
+    if unsafe { libc::fdatasync(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Runs `op` to completion.
+pub(crate) fn execute(disk: &Disk, op: Op) -> Result<(), i32> {
+    let fd = fd_for(disk, &op);
+    match op {
+        Op::Read { offset, mut iov } => read_all(fd, offset, &mut iov),
+        Op::Write {
+            offset,
+            mut iov,
+            dsync,
+        } => write_all(fd, offset, &mut iov, dsync),
+        Op::Flush => flush(fd),
+        Op::Fallocate { mode, ranges } => fallocate(fd, mode, &ranges),
+    }
+}
+
+/// The synchronous engine.
+#[derive(Debug)]
+pub struct Sync {
+    disk: Arc<Disk>,
+    done: Vec<Done>,
+}
+
+impl Sync {
+    /// An engine for `disk`.
+    pub fn new(disk: Arc<Disk>) -> Self {
+        Sync {
+            disk,
+            done: Vec::new(),
+        }
+    }
+}
+
+impl Engine for Sync {
+    fn submit(&mut self, job: Job) {
+        let result = execute(&self.disk, job.op);
+        self.done.push(Done {
+            tag: job.tag,
+            result,
+        });
+    }
+
+    fn commit(&mut self) {}
+
+    fn reap(&mut self, out: &mut Vec<Done>) {
+        out.append(&mut self.done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn drain(&mut self, out: &mut Vec<Done>) {
+        self.reap(out);
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+}
