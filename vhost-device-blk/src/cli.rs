@@ -22,8 +22,8 @@ pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// Raw disk image file or block device to serve.
-    #[arg(long, value_name = "PATH")]
+    /// Raw disk image file or block device to serve (`--blk-file` is QEMU's name for it).
+    #[arg(long, value_name = "PATH", visible_alias = "blk-file")]
     pub image: Option<PathBuf>,
 
     /// Serve the disk read-only: the guest sees a read-only device and writes fail.
@@ -149,6 +149,37 @@ mod tests {
             (4, 128, 4096)
         );
         assert_eq!((c.serial.as_str(), c.engine), ("disk-1", EngineKind::Sync));
+    }
+
+    #[test]
+    fn qemu_backend_convention_names_work() {
+        let c = parse(&["--fd", "3", "--blk-file", "/i", "--read-only"]).expect("valid");
+        assert_eq!((c.image.to_str(), c.read_only), (Some("/i"), true));
+    }
+
+    #[test]
+    fn config_files_set_every_option() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("blk.toml");
+        std::fs::write(
+            &file,
+            "socket-path = \"/s\"\nimage = \"/i\"\nnum-queues = 4\nread-only = true\n",
+        )
+        .expect("write");
+        let args: Args = vhost_device_common::config::try_parse_from([
+            "vhost-device-blk",
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--num-queues",
+            "2",
+        ])
+        .expect("parses");
+        let c = Config::try_from(args).expect("valid");
+        assert_eq!(
+            (c.num_queues, c.read_only),
+            (2, true),
+            "the command line wins"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
-use vhost_device_common::capabilities::Capabilities;
+use vhost_device_common::capabilities::{device_type, Capabilities};
 use vhost_device_common::{serve, Device, SocketListener};
 use vhost_user_backend::VringEpollHandler;
 use vmm_sys_util::epoll::EventSet;
@@ -132,11 +132,11 @@ impl Device for BlkDevice {
 /// The daemon's body: parse, open, listen, serve until SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
     if args.common.print_capabilities {
-        let caps = Capabilities {
-            device_type: "block-device",
-            features: &["read-only", "blk-file", "num-queues"],
-        };
-        println!("{}", caps.to_json());
+        Capabilities {
+            device_type: device_type::BLOCK,
+            features: vhost_device_common::capabilities::qemu_features(device_type::BLOCK),
+        }
+        .print();
         return Ok(());
     }
     vhost_device_common::logging::init();
