@@ -637,3 +637,272 @@ impl VhostUserBackend for ConsoleBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // small test indices and lengths
+mod tests {
+    use super::*;
+    use crate::config::Endpoint;
+    use vhost_device_common::GuestMemory;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    const WRITE: u16 = 2; // VRING_DESC_F_WRITE
+    const QSIZE: u16 = 16;
+    const DATA: u64 = 0x10_0000;
+
+    /// A backend over `ports` ports with every queue set up in mock guest memory.
+    struct Bench {
+        backend: ConsoleBackend,
+        mem: GuestMemory,
+        vrings: Vec<Vring>,
+        /// Per queue: descriptor table, available ring, used ring addresses.
+        rings: Vec<(u64, u64, u64)>,
+        next_data: u64,
+    }
+
+    impl Bench {
+        fn new(ports: u32, features: u64) -> Self {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+            let atomic = GuestMemoryAtomic::new(mem.clone());
+            let ports: Vec<Arc<Port>> = (0..ports)
+                .map(|i| {
+                    Arc::new(Port::new(i, format!("p{i}"), Endpoint::Pty, 1024, None).unwrap())
+                })
+                .collect();
+            let backend = ConsoleBackend::new(ports);
+            backend.acked_features(features);
+            backend.update_memory(atomic.clone()).unwrap();
+            let mut vrings = Vec::new();
+            let mut rings = Vec::new();
+            for i in 0..backend.num_queues() {
+                // The mock lays the rings out (and zeroes them) once; the test then drives
+                // them through guest memory like a driver.
+                let q = MockSplitQueue::create(&mem, GuestAddress(0x1000 * i as u64), QSIZE);
+                let addrs = (q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0);
+                let v = Vring::new(atomic.clone(), QSIZE).unwrap();
+                v.set_queue_info(addrs.0, addrs.1, addrs.2).unwrap();
+                v.set_queue_size(QSIZE);
+                v.set_queue_ready(true);
+                v.set_enabled(true);
+                vrings.push(v);
+                rings.push(addrs);
+            }
+            Bench {
+                backend,
+                mem,
+                vrings,
+                rings,
+                next_data: DATA,
+            }
+        }
+
+        /// A buffer with `data` in guest memory.
+        fn buffer(&mut self, data: &[u8]) -> u64 {
+            let addr = self.next_data;
+            self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+            self.next_data += 0x1000;
+            addr
+        }
+
+        /// Publishes one chain of `(addr, len, flags)` on queue `q` at descriptor `offset`.
+        fn chain(&self, q: usize, offset: u16, descs: &[(u64, u32, u16)]) {
+            let (desc, avail, _) = self.rings[q];
+            let n = descs.len() as u16;
+            for (i, &(addr, len, flags)) in (0u16..).zip(descs) {
+                let (flags, next) = if i + 1 < n {
+                    (flags | 1, offset + i + 1)
+                } else {
+                    (flags, 0)
+                };
+                let at = GuestAddress(desc + 16 * u64::from(offset + i));
+                self.mem.write_obj(addr, at).unwrap();
+                self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+                self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+                self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+            }
+            let idx: u16 = self.mem.read_obj(GuestAddress(avail + 2)).unwrap();
+            let slot = GuestAddress(avail + 4 + 2 * u64::from(idx % QSIZE));
+            self.mem.write_obj(offset, slot).unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+                .unwrap();
+        }
+
+        fn kick(&self, q: usize) {
+            self.backend
+                .handle_event(q as u16, EventSet::IN, &self.vrings, 0)
+                .unwrap();
+        }
+
+        /// The used entries of queue `q` as (head, len).
+        fn used(&self, q: usize) -> Vec<(u32, u32)> {
+            let (_, _, used) = self.rings[q];
+            let n: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            (0..u64::from(n))
+                .map(|i| {
+                    let at = GuestAddress(used + 4 + 8 * i);
+                    let id: u32 = self.mem.read_obj(at).unwrap();
+                    let len: u32 = self.mem.read_obj(at.unchecked_add(4)).unwrap();
+                    (id, len)
+                })
+                .collect()
+        }
+
+        fn port(&self, i: usize) -> &Arc<Port> {
+            &self.backend.ports()[i]
+        }
+    }
+
+    const VERSION_1: u64 = 1 << 32;
+
+    #[test]
+    fn guest_output_reaches_the_history_and_malformed_chains_are_completed() {
+        let mut b = Bench::new(1, VERSION_1);
+        let hello = b.buffer(b"hello ");
+        let world = b.buffer(b"world");
+        // A good chain of two readable buffers.
+        b.chain(1, 0, &[(hello, 6, 0), (world, 5, 0)]);
+        // Only a device-writable buffer: nothing to read.
+        b.chain(1, 2, &[(hello, 6, WRITE)]);
+        // A buffer past the end of guest memory.
+        b.chain(1, 3, &[(0x40_0000, 16, 0)]);
+        // A buffer whose end overflows the address space.
+        b.chain(1, 4, &[(u64::MAX - 4, 16, 0)]);
+        b.kick(1);
+        assert_eq!(b.used(1), vec![(0, 0), (2, 0), (3, 0), (4, 0)]);
+        assert_eq!(b.port(0).lock().history.snapshot(), b"hello world");
+        // Still serving.
+        let more = b.buffer(b"!");
+        b.chain(1, 5, &[(more, 1, 0)]);
+        b.kick(1);
+        assert_eq!(b.port(0).lock().history.snapshot(), b"hello world!");
+    }
+
+    #[test]
+    fn host_input_fills_receive_chains_and_waits_for_more() {
+        let mut b = Bench::new(1, VERSION_1);
+        b.port(0).push_input(b"abcde");
+        let r1 = b.buffer(&[0; 3]);
+        let r2 = b.buffer(&[0; 8]);
+        // A receive chain with nothing writable gets 0 bytes and the input stays.
+        b.chain(0, 0, &[(r1, 3, 0)]);
+        b.chain(0, 1, &[(r1, 3, WRITE)]);
+        b.kick(0);
+        assert_eq!(b.used(0), vec![(0, 0), (1, 3)]);
+        let mut got = [0u8; 3];
+        b.mem.read_slice(&mut got, GuestAddress(r1)).unwrap();
+        assert_eq!(&got, b"abc");
+        // No more buffers: the rest waits in the port.
+        assert!(b.port(0).has_input());
+        b.chain(0, 2, &[(r2, 8, WRITE)]);
+        b.kick(0);
+        assert_eq!(b.used(0).last(), Some(&(2, 2)));
+        let mut got = [0u8; 2];
+        b.mem.read_slice(&mut got, GuestAddress(r2)).unwrap();
+        assert_eq!(&got, b"de");
+        // Buffers without input stay available for later.
+        b.chain(0, 3, &[(r2, 8, WRITE)]);
+        b.kick(0);
+        assert_eq!(b.used(0).len(), 3);
+        b.port(0).push_input(b"z");
+        b.backend
+            .handle_event(
+                b.backend.wake_event_id(0) as u16,
+                EventSet::IN,
+                &b.vrings,
+                0,
+            )
+            .unwrap();
+        assert_eq!(b.used(0).last(), Some(&(3, 1)));
+    }
+
+    fn control_msg(id: u32, event: u16, value: u16) -> Vec<u8> {
+        control::encode(id, event, value, &[])
+    }
+
+    #[test]
+    fn control_queue_follows_the_driver_and_ignores_nonsense() {
+        let features = VERSION_1 | (1 << virtio::VIRTIO_CONSOLE_F_MULTIPORT);
+        let mut b = Bench::new(2, features);
+        let mut offset = 0;
+        let mut send = |b: &mut Bench, bytes: &[u8]| {
+            let addr = b.buffer(bytes);
+            b.chain(3, offset, &[(addr, bytes.len() as u32, 0)]);
+            offset += 1;
+            b.kick(3);
+        };
+        // Nonsense first: too short, unknown event, device-only event, bogus port ids.
+        send(&mut b, &[1, 2, 3]);
+        send(&mut b, &control_msg(0, 0x77, 1));
+        send(&mut b, &control_msg(0, control::PORT_NAME, 1));
+        send(&mut b, &control_msg(42, control::PORT_READY, 1));
+        send(&mut b, &control_msg(u32::MAX, control::PORT_OPEN, 1));
+        assert_eq!(b.used(3).len(), 5, "every control buffer is returned");
+        assert!(b.backend.conn().control_out.is_empty());
+
+        send(&mut b, &control_msg(0, control::DEVICE_READY, 1));
+        send(&mut b, &control_msg(1, control::PORT_READY, 1));
+        // The driver posts control receive buffers: the queued messages come out in order,
+        // and a buffer too small for a message is returned empty.
+        let small = b.buffer(&[0; 4]);
+        b.chain(2, 0, &[(small, 4, WRITE)]);
+        let mut bufs = Vec::new();
+        for i in 1..6u16 {
+            let addr = b.buffer(&[0; 64]);
+            b.chain(2, i, &[(addr, 64, WRITE)]);
+            bufs.push(addr);
+        }
+        b.kick(2);
+        let used = b.used(2);
+        assert_eq!(used[0], (0, 0));
+        let msgs: Vec<Vec<u8>> = used[1..]
+            .iter()
+            .zip(&bufs)
+            .map(|(&(_, len), &addr)| {
+                let mut m = vec![0u8; len as usize];
+                b.mem.read_slice(&mut m, GuestAddress(addr)).unwrap();
+                m
+            })
+            .collect();
+        // The first PORT_ADD went into the buffer that was too small and is lost (a guest
+        // fault); the rest follow in order.
+        assert_eq!(
+            msgs,
+            vec![
+                control::port_add(1),
+                control::port_name(1, "p1"),
+                control::port_open(1, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn config_space_reads_sizes_and_emergency_writes_reach_port_0() {
+        let b = Bench::new(2, VERSION_1);
+        assert_eq!(
+            b.backend.get_config(0, 12),
+            vec![0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+        );
+        b.port(0).set_size(80, 25);
+        assert_eq!(b.backend.get_config(0, 4), vec![80, 0, 25, 0]);
+        assert_eq!(b.backend.get_config(100, 2), vec![0, 0]);
+        b.backend.set_config(8, &[b'x', 0, 0, 0]).unwrap();
+        b.backend.set_config(0, &[9, 9]).unwrap();
+        b.backend.set_config(u32::MAX, &[9]).unwrap();
+        assert_eq!(b.port(0).lock().history.snapshot(), b"x");
+        assert_eq!(b.backend.get_config(0, 4), vec![80, 0, 25, 0]);
+    }
+
+    #[test]
+    fn offers_multiport_only_with_several_ports() {
+        let one = Bench::new(1, VERSION_1);
+        let two = Bench::new(2, VERSION_1);
+        let mp = 1 << virtio::VIRTIO_CONSOLE_F_MULTIPORT;
+        assert_eq!(one.backend.features() & mp, 0);
+        assert_ne!(two.backend.features() & mp, 0);
+        assert_eq!(one.backend.num_queues(), 2);
+        assert_eq!(two.backend.num_queues(), 6);
+        assert_eq!(two.backend.queues_per_thread(), vec![0b11_1111]);
+    }
+}

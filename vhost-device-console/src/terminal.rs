@@ -30,7 +30,7 @@ pub(crate) fn make_raw(fd: BorrowedFd<'_>) -> nix::Result<()> {
     Ok(())
 }
 
-/// Restores every terminal [`make_raw`] changed (on exit, also after `SIGTERM`).
+/// Restores every terminal the daemon put in raw mode (on exit, also after `SIGTERM`).
 pub fn restore_all() {
     let Ok(mut list) = SAVED.lock() else { return };
     for (fd, termios) in list.drain(..) {
