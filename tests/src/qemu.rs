@@ -250,7 +250,16 @@ impl Qemu {
                         device.push_str(&format!(",mac={mac}"));
                     }
                     if q > 1 {
-                        device.push_str(&format!(",mq=on,vectors={}", 2 * q + 2));
+                        device.push_str(",mq=on");
+                    }
+                    if self.accel == Accel::Tcg {
+                        // QEMU 7.2 dereferences a NULL `vector_irqfd` when a guest starts a
+                        // vhost-user virtio-net with MSI-X but without KVM irqfds (TCG):
+                        // segfault in vhost_net_start -> msix_set_vector_notifiers. INTx
+                        // (vectors=0) avoids that path.
+                        device.push_str(",vectors=0");
+                    } else if q > 1 {
+                        device.push_str(&format!(",vectors={}", 2 * q + 2));
                     }
                     cmd.args(["-device", &device])
                 }
