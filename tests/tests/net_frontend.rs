@@ -172,7 +172,9 @@ fn arp_and_ping_cross_the_tap_with_merged_rx_buffers() {
         .join(":");
     assert_eq!(got, tap_mac, "ARP reply comes from the tap");
 
-    let payload: Vec<u8> = (0..1400u32).map(|i| u8::try_from(i * 13 % 251).unwrap_or(0)).collect();
+    let payload: Vec<u8> = (0..1400u32)
+        .map(|i| u8::try_from(i * 13 % 251).unwrap_or(0))
+        .collect();
     let (echo, buffers) = drv.ping(host_mac, 0x4242, &payload);
     assert_eq!(echo, payload, "echo payload comes back unchanged");
     assert_eq!(
