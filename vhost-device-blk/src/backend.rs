@@ -72,6 +72,8 @@ struct Worker {
     done: Vec<Done>,
     /// Requests answered, waiting for the used ring.
     ready: Vec<Completion>,
+    /// Requests taken off this queue since the connection started.
+    requests: u64,
 }
 
 struct Inner {
@@ -142,6 +144,7 @@ impl BlkBackend {
                     vring: None,
                     done: Vec::new(),
                     ready: Vec::new(),
+                    requests: 0,
                 }))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -161,6 +164,13 @@ impl BlkBackend {
     /// Whether `other` is a clone of this backend (the same connection).
     pub fn is_same(&self, other: &BlkBackend) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Requests taken off each queue so far.
+    pub fn requests_per_queue(&self) -> Vec<u64> {
+        (0..self.inner.workers.len())
+            .map(|i| self.worker(i).map_or(0, |w| w.requests))
+            .collect()
     }
 
     /// The name of the engine serving the queues.
@@ -237,6 +247,7 @@ impl Worker {
     /// Turns a chain into a job for the engine, or completes it at once.
     fn start(&mut self, disk: &Disk, mem: &Arc<GuestMemory>, chain: Chain) {
         let head = chain.head_index();
+        self.requests += 1;
         let req = match request::parse(chain) {
             Ok(req) => req,
             Err(rejected) => {

@@ -96,6 +96,7 @@ impl Device for BlkDevice {
     }
 
     fn disconnected(&self, backend: &BlkBackend) {
+        info!("requests per queue: {:?}", backend.requests_per_queue());
         if let Ok(mut current) = self.current.lock() {
             if current.as_ref().is_some_and(|c| c.is_same(backend)) {
                 *current = None;
