@@ -1,0 +1,469 @@
+//! A vhost-user daemon as the `VirtioBackend` of a virtio-pci function.
+//!
+//! At start: connect, `SET_OWNER`, `GET_FEATURES`, protocol features (MQ, CONFIG) and
+//! `GET_QUEUE_NUM`. At DRIVER_OK, in the order Cloud Hypervisor's `setup_vhost_user` uses:
+//! `SET_FEATURES` (the driver's acks), `SET_MEM_TABLE` (the memfd regions), then for each
+//! enabled queue `SET_VRING_NUM`/`ADDR`/`BASE`/`CALL`/`KICK` and `SET_VRING_ENABLE`. Ring
+//! addresses are sent as this process' virtual addresses, as the protocol wants. At reset:
+//! `SET_VRING_ENABLE(0)` and `GET_VRING_BASE` on every started queue, which stops it.
+//! Device configuration space goes through `GET_CONFIG`/`SET_CONFIG`.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::config::{DeviceConfig, DeviceKind};
+use crate::memory::GuestMemory;
+use crate::virtio_pci::{ActiveQueue, VirtioBackend};
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// Transport feature bits we pass through: INDIRECT_DESC, EVENT_IDX, VERSION_1.
+const TRANSPORT_FEATURES: u64 = (1 << 28) | (1 << 29) | (1 << 32);
+/// Queue size offered to the guest.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Failure to attach a daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    /// The socket could not be connected.
+    #[error("cannot connect to the {kind} daemon at {socket}: is it running?")]
+    Connect {
+        /// Device kind.
+        kind: &'static str,
+        /// Socket path.
+        socket: String,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// A control message failed.
+    #[error("{kind} daemon at {socket}: {step} failed")]
+    Protocol {
+        /// Device kind.
+        kind: &'static str,
+        /// Socket path.
+        socket: String,
+        /// The message.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The daemon lacks a feature we need.
+    #[error("{kind} daemon at {socket} does not offer VIRTIO_F_VERSION_1")]
+    NoVersion1 {
+        /// Device kind.
+        kind: &'static str,
+        /// Socket path.
+        socket: String,
+    },
+}
+
+/// Device-specific features we can offer for `kind` (bits 0..24).
+fn device_feature_mask(kind: DeviceKind, queues: u16) -> u64 {
+    match kind {
+        // Everything but the control-queue family, which needs a control queue we do not
+        // serve; MQ only with several pairs (it also needs the control queue, so never).
+        DeviceKind::Net => {
+            let ctrl = (1 << 2)
+                | (1 << 17)
+                | (1 << 18)
+                | (1 << 19)
+                | (1 << 20)
+                | (1 << 21)
+                | (1 << 22)
+                | (1 << 23);
+            let _ = queues;
+            0xff_ffff & !ctrl
+        }
+        _ => 0xff_ffff,
+    }
+}
+
+/// Queues the guest sees for `kind`, given the CLI's count and what the daemon serves.
+fn guest_queues(kind: DeviceKind, cli_queues: u16, daemon_queues: Option<u64>) -> u16 {
+    let cap =
+        |n: u16| daemon_queues.map_or(n, |d| n.min(u16::try_from(d).unwrap_or(u16::MAX)).max(1));
+    match kind {
+        DeviceKind::Blk => cap(cli_queues),
+        // One rx/tx pair: several pairs need the control queue.
+        DeviceKind::Net => 2,
+        // rx, tx and the event queue (the event queue stays with the frontend, as in QEMU).
+        DeviceKind::Vsock => 3,
+        DeviceKind::Console => {
+            daemon_queues.map_or(2, |d| u16::try_from(d).unwrap_or(2).clamp(2, 64))
+        }
+    }
+}
+
+/// Queues handed to the daemon (the vsock event queue is not).
+fn daemon_queue_count(kind: DeviceKind, guest: u16) -> u16 {
+    match kind {
+        DeviceKind::Vsock => 2,
+        _ => guest,
+    }
+}
+
+/// One attached daemon.
+pub struct VhostUserDevice {
+    kind: DeviceKind,
+    socket: String,
+    frontend: Frontend,
+    mem: GuestMemory,
+    backend_features: u64,
+    guest_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    queues: u16,
+    daemon_queues: u16,
+    started: Vec<usize>,
+    local_config: Option<Vec<u8>>,
+    broken: bool,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("kind", &self.kind)
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl VhostUserDevice {
+    /// Connects to the daemon of `cfg` and negotiates what can be before the guest runs.
+    pub fn connect(cfg: &DeviceConfig, mem: GuestMemory) -> Result<Self, VhostUserError> {
+        let kind = cfg.kind.name();
+        let socket = cfg.socket.display().to_string();
+        let perr = |step: &'static str| {
+            let socket = socket.clone();
+            move |source| VhostUserError::Protocol {
+                kind,
+                socket,
+                step,
+                source,
+            }
+        };
+        let mut frontend =
+            Frontend::connect(&cfg.socket, 64).map_err(|source| VhostUserError::Connect {
+                kind,
+                socket: socket.clone(),
+                source,
+            })?;
+        frontend.set_owner().map_err(perr("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(perr("GET_FEATURES"))?;
+        if backend_features & (1 << 32) == 0 {
+            return Err(VhostUserError::NoVersion1 { kind, socket });
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        let mut daemon_queues = None;
+        if backend_features & PROTOCOL_FEATURES_BIT != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(perr("GET_PROTOCOL_FEATURES"))?;
+            protocol =
+                offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG);
+            frontend
+                .set_protocol_features(protocol)
+                .map_err(perr("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::MQ) {
+                daemon_queues = Some(frontend.get_queue_num().map_err(perr("GET_QUEUE_NUM"))?);
+            }
+        }
+        let queues = guest_queues(cfg.kind, cfg.queues, daemon_queues);
+        let mut guest_features =
+            backend_features & (device_feature_mask(cfg.kind, cfg.queues) | TRANSPORT_FEATURES);
+        if cfg.kind == DeviceKind::Blk && queues == 1 {
+            guest_features &= !(1 << 12); // VIRTIO_BLK_F_MQ
+        }
+        let has_config = protocol.contains(VhostUserProtocolFeatures::CONFIG);
+        let local_config = local_config(cfg, has_config);
+        if let (DeviceKind::Net, Some(_)) = (cfg.kind, &local_config) {
+            guest_features |= 1 << 5 | 1 << 16; // VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
+        }
+        log::info!(
+            "{kind} daemon at {socket}: features {backend_features:#x}, protocol {:#x}, {queues} queue(s)",
+            protocol.bits()
+        );
+        Ok(Self {
+            kind: cfg.kind,
+            socket,
+            frontend,
+            mem,
+            backend_features,
+            guest_features,
+            protocol,
+            queues,
+            daemon_queues: daemon_queue_count(cfg.kind, queues),
+            started: Vec::new(),
+            local_config,
+            broken: false,
+        })
+    }
+
+    /// The socket's descriptor, to watch for the daemon hanging up.
+    pub fn raw_fd(&self) -> RawFd {
+        self.frontend.as_raw_fd()
+    }
+
+    fn mem_regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, vhost::Error> {
+        self.mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect()
+    }
+
+    fn host_addr(&self, gpa: u64) -> Result<u64, String> {
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|_| format!("ring address {gpa:#x} is outside guest memory"))
+    }
+
+    fn start(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
+        let e = |step: &'static str| move |err: vhost::Error| format!("{step}: {err}");
+        let mut acked = features & self.backend_features;
+        if self.backend_features & PROTOCOL_FEATURES_BIT != 0 {
+            acked |= PROTOCOL_FEATURES_BIT;
+        }
+        self.frontend
+            .set_features(acked)
+            .map_err(e("SET_FEATURES"))?;
+        let regions = self.mem_regions().map_err(e("memory regions"))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(e("SET_MEM_TABLE"))?;
+        for q in queues.iter().filter(|q| q.index < self.daemon_queues) {
+            let i = usize::from(q.index);
+            let ring = VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_addr(q.desc)?,
+                used_ring_addr: self.host_addr(q.used)?,
+                avail_ring_addr: self.host_addr(q.avail)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(e("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(i, &ring)
+                .map_err(e("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(e("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(i, q.call)
+                .map_err(e("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, q.kick)
+                .map_err(e("SET_VRING_KICK"))?;
+            if acked & PROTOCOL_FEATURES_BIT != 0 {
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(e("SET_VRING_ENABLE"))?;
+            }
+            self.started.push(i);
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, what: &str, err: &dyn std::fmt::Display) {
+        if !self.broken {
+            log::error!(
+                "{} daemon at {}: {what}: {err}",
+                self.kind.name(),
+                self.socket
+            );
+        }
+        self.broken = true;
+    }
+}
+
+/// Configuration space the frontend serves itself: net when a MAC is given or the daemon
+/// has no CONFIG, vsock when the daemon has no CONFIG.
+fn local_config(cfg: &DeviceConfig, daemon_has_config: bool) -> Option<Vec<u8>> {
+    match cfg.kind {
+        DeviceKind::Net if cfg.mac.is_some() || !daemon_has_config => {
+            let mac = cfg.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+            let mut c = mac.to_vec();
+            c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
+            c.extend_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+            Some(c)
+        }
+        DeviceKind::Vsock if !daemon_has_config => {
+            Some(cfg.cid.unwrap_or(3).to_le_bytes().to_vec())
+        }
+        _ => None,
+    }
+}
+
+impl VirtioBackend for VhostUserDevice {
+    fn device_type(&self) -> u16 {
+        match self.kind {
+            DeviceKind::Net => 1,
+            DeviceKind::Blk => 2,
+            DeviceKind::Console => 3,
+            DeviceKind::Vsock => 19,
+        }
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.queues
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.guest_features
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(c) = &self.local_config {
+            for (i, d) in data.iter_mut().enumerate() {
+                let idx = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+                *d = idx.and_then(|o| c.get(o)).copied().unwrap_or(0);
+            }
+            return;
+        }
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) || self.broken {
+            return;
+        }
+        let (Ok(off), Ok(len)) = (u32::try_from(offset), u32::try_from(data.len())) else {
+            return;
+        };
+        let zeros = vec![0u8; data.len()];
+        match self
+            .frontend
+            .get_config(off, len, VhostUserConfigFlags::WRITABLE, &zeros)
+        {
+            Ok((_, payload)) => {
+                let n = payload.len().min(data.len());
+                data[..n].copy_from_slice(&payload[..n]);
+            }
+            Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::BackendInternalError,
+            )) => {
+                // Past the end of the daemon's config space: zeros, as a device would.
+            }
+            Err(err) => self.report("GET_CONFIG", &err),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if self.local_config.is_some() || !self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            return;
+        }
+        let Ok(off) = u32::try_from(offset) else {
+            return;
+        };
+        if let Err(err) = self
+            .frontend
+            .set_config(off, VhostUserConfigFlags::WRITABLE, data)
+        {
+            self.report("SET_CONFIG", &err);
+        }
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
+        let r = self.start(features, queues);
+        if let Err(e) = &r {
+            self.report("starting the device", e);
+        }
+        r
+    }
+
+    fn reset(&mut self) {
+        let started = std::mem::take(&mut self.started);
+        let has_enable = self.backend_features & PROTOCOL_FEATURES_BIT != 0;
+        for i in started {
+            if has_enable {
+                if let Err(err) = self.frontend.set_vring_enable(i, false) {
+                    self.report("SET_VRING_ENABLE", &err);
+                    return;
+                }
+            }
+            if let Err(err) = self.frontend.get_vring_base(i) {
+                self.report("GET_VRING_BASE", &err);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn dev(kind: DeviceKind, mac: Option<[u8; 6]>) -> DeviceConfig {
+        DeviceConfig {
+            kind,
+            socket: PathBuf::from("/s"),
+            queues: 1,
+            mac,
+            cid: Some(7),
+        }
+    }
+
+    #[test]
+    fn queue_layouts() {
+        assert_eq!(guest_queues(DeviceKind::Blk, 4, Some(2)), 2);
+        assert_eq!(guest_queues(DeviceKind::Blk, 2, None), 2);
+        assert_eq!(guest_queues(DeviceKind::Blk, 2, Some(0)), 1);
+        assert_eq!(guest_queues(DeviceKind::Net, 1, Some(3)), 2);
+        assert_eq!(guest_queues(DeviceKind::Vsock, 1, Some(2)), 3);
+        assert_eq!(daemon_queue_count(DeviceKind::Vsock, 3), 2);
+        assert_eq!(guest_queues(DeviceKind::Console, 1, Some(6)), 6);
+        assert_eq!(guest_queues(DeviceKind::Console, 1, None), 2);
+        assert_eq!(guest_queues(DeviceKind::Console, 1, Some(u64::MAX)), 2);
+    }
+
+    #[test]
+    fn net_masks_control_queue_features() {
+        let m = device_feature_mask(DeviceKind::Net, 1);
+        assert_eq!(m & (1 << 17), 0, "CTRL_VQ");
+        assert_eq!(m & (1 << 22), 0, "MQ");
+        assert_ne!(m & (1 << 5), 0, "MAC");
+        assert_ne!(m & 1, 0, "CSUM");
+    }
+
+    #[test]
+    fn local_configs() {
+        let c = local_config(&dev(DeviceKind::Net, Some([1, 2, 3, 4, 5, 6])), true).expect("net");
+        assert_eq!(c, [1, 2, 3, 4, 5, 6, 1, 0, 1, 0]);
+        assert!(local_config(&dev(DeviceKind::Net, None), true).is_none());
+        assert_eq!(
+            local_config(&dev(DeviceKind::Vsock, None), false).expect("vsock"),
+            7u64.to_le_bytes()
+        );
+        assert!(local_config(&dev(DeviceKind::Vsock, None), true).is_none());
+        assert!(local_config(&dev(DeviceKind::Blk, None), false).is_none());
+    }
+
+    #[test]
+    fn missing_daemon_names_the_socket() {
+        let mem = crate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let cfg = DeviceConfig {
+            kind: DeviceKind::Blk,
+            socket: PathBuf::from("/nonexistent/blk.sock"),
+            queues: 1,
+            mac: None,
+            cid: None,
+        };
+        let err = VhostUserDevice::connect(&cfg, mem).expect_err("no daemon");
+        let s = err.to_string();
+        assert!(
+            s.contains("/nonexistent/blk.sock") && s.contains("blk"),
+            "{s}"
+        );
+    }
+}
