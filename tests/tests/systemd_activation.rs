@@ -1,0 +1,476 @@
+//! Each daemon as a service would run it: its listening socket passed by systemd socket
+//! activation (`systemd-socket-activate`, and `LISTEN_FDS`/`LISTEN_PID` set by hand), by
+//! `--fd` (libvirt's way) or bound with `--socket-path`; readiness and stopping reported on
+//! a `NOTIFY_SOCKET` the test listens on; a configuration file alone; and QEMU's
+//! `--print-capabilities`. A frontend (the in-test one) then talks to the daemon and reads
+//! back what the options said (disk size, CID, MAC).
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::frontend::{Frontend, Options, VIRTIO_F_VERSION_1};
+use e2e::process::wait_for_path;
+use e2e::qemu::{skip, which};
+use e2e::ChildGuard;
+use vhost_device_common::capabilities::{qemu_features, QEMU_TYPES};
+
+const T: Duration = Duration::from_secs(10);
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const GUEST_CID: u64 = 7;
+const DISK_BYTES: u64 = 1 << 20;
+
+/// A network namespace for the net daemon's tap, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(test: &str) -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("vhd-svc-{}-{n}", std::process::id());
+        let out = Command::new("ip").args(["netns", "add", &name]).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Netns(name)),
+            Ok(o) => {
+                skip(
+                    test,
+                    &format!(
+                        "cannot create a network namespace for the tap (needs root): {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                skip(test, &format!("cannot run `ip` (iproute2): {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// One daemon with a scratch directory, its options, and what a frontend must find.
+struct Daemon {
+    dev: &'static str,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    options: Vec<(&'static str, String)>,
+    netns: Option<Netns>,
+}
+
+impl Daemon {
+    /// The built daemon, or `None` (with a loud skip) where it cannot run here.
+    fn new(dev: &'static str, test: &str) -> Option<Self> {
+        let bin = e2e::bin_path(&format!("vhost-device-{dev}"));
+        let probe = Command::new(&bin)
+            .arg("--print-capabilities")
+            .output()
+            .expect("run the daemon");
+        if String::from_utf8_lossy(&probe.stderr).contains("not implemented yet") {
+            skip(
+                test,
+                &format!("vhost-device-{dev} is still the placeholder binary"),
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |name: &str| dir.path().join(name).display().to_string();
+        let mut netns = None;
+        let options = match dev {
+            "blk" => {
+                let image = dir.path().join("disk.raw");
+                std::fs::File::create(&image)
+                    .and_then(|f| f.set_len(DISK_BYTES))
+                    .expect("create image");
+                vec![("image", p("disk.raw"))]
+            }
+            "vsock" => vec![
+                ("guest-cid", GUEST_CID.to_string()),
+                ("uds-path", p("vm.vsock")),
+            ],
+            "console" => vec![("backend", format!("unix={}", p("console.sock")))],
+            "net" => {
+                netns = Some(Netns::create(test)?);
+                let mac = MAC.map(|b| format!("{b:02x}")).join(":");
+                vec![("tap", "svctap0".to_string()), ("mac", mac)]
+            }
+            other => panic!("unknown daemon {other}"),
+        };
+        Some(Daemon {
+            dev,
+            bin,
+            dir,
+            options,
+            netns,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The options as command-line flags.
+    fn flags(&self) -> Vec<String> {
+        self.options
+            .iter()
+            .map(|(k, v)| format!("--{k}={v}"))
+            .collect()
+    }
+
+    /// A command running `program args` (inside the namespace for net).
+    fn command(&self, program: &Path, args: &[String]) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.0]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd
+    }
+
+    /// What a frontend reads back must match the options.
+    fn check_frontend(&self, socket: &Path, connect_timeout: Duration) {
+        let options = Options {
+            connect_timeout,
+            ..Options::default()
+        };
+        let mut fe = Frontend::connect_without_queues(socket, &options)
+            .unwrap_or_else(|e| panic!("vhost-device-{}: frontend set-up: {e}", self.dev));
+        assert_ne!(fe.offered_features() & VIRTIO_F_VERSION_1, 0);
+        match self.dev {
+            "blk" => {
+                let cfg = fe.get_config(0, 8).expect("config");
+                let capacity = u64::from_le_bytes(cfg[..8].try_into().expect("8 bytes"));
+                assert_eq!(capacity, DISK_BYTES / 512, "capacity in sectors");
+            }
+            "vsock" => {
+                let cfg = fe.get_config(0, 8).expect("config");
+                let cid = u64::from_le_bytes(cfg[..8].try_into().expect("8 bytes"));
+                assert_eq!(cid, GUEST_CID);
+            }
+            "net" => {
+                let cfg = fe.get_config(0, 6).expect("config");
+                assert_eq!(cfg, MAC, "the MAC from the options");
+            }
+            "console" => {
+                assert!(
+                    wait_for_path(&self.path("console.sock"), T),
+                    "the console's unix endpoint"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The datagram socket a daemon's `sd_notify` messages arrive on.
+struct Notify {
+    socket: UnixDatagram,
+    path: PathBuf,
+    seen: Vec<String>,
+}
+
+impl Notify {
+    fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        Notify {
+            socket,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a message with the line `line`; returns it.
+    fn wait_for(&mut self, line: &str, daemon: &mut ChildGuard) -> String {
+        let deadline = Instant::now() + T;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push(msg.clone());
+                if msg.lines().any(|l| l == line) {
+                    return msg;
+                }
+            }
+            if let Some(status) = daemon.try_wait() {
+                panic!(
+                    "the daemon exited ({status}) before {line}; messages: {:?}",
+                    self.seen
+                );
+            }
+        }
+        panic!("no {line} within {T:?}; messages: {:?}", self.seen);
+    }
+
+    /// Whether `line` arrived already or arrives within a short time.
+    fn received(&mut self, line: &str) -> bool {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            self.seen
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.seen.iter().any(|m| m.lines().any(|l| l == line))
+    }
+}
+
+/// SIGTERM: `STOPPING=1` arrives and the daemon exits with status 0.
+fn stop(mut daemon: ChildGuard, notify: &mut Notify) {
+    daemon
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    let status = daemon.wait_timeout(T).expect("exit within 10 s of SIGTERM");
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(
+        notify.received("STOPPING=1"),
+        "STOPPING=1; got {:?}",
+        notify.seen
+    );
+}
+
+fn socket_activate(dev: &'static str, test: &str) {
+    let Some(activate) = which("systemd-socket-activate") else {
+        skip(
+            test,
+            "systemd-socket-activate is not installed (Debian package `systemd`)",
+        );
+        return;
+    };
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let socket = d.path("vhost-user.sock");
+    let mut notify = Notify::bind(d.dir.path());
+    let mut args = vec![
+        "-l".to_string(),
+        socket.display().to_string(),
+        format!("-ENOTIFY_SOCKET={}", notify.path.display()),
+        "-ERUST_LOG=info".to_string(),
+        d.bin.display().to_string(),
+    ];
+    args.extend(d.flags());
+    let mut daemon = ChildGuard::spawn(test, d.command(&activate, &args)).expect("spawn");
+    assert!(wait_for_path(&socket, T), "systemd-socket-activate listens");
+    // systemd-socket-activate starts the daemon on the first connection, as systemd does.
+    d.check_frontend(&socket, T);
+    let ready = notify.wait_for("READY=1", &mut daemon);
+    assert!(
+        ready.contains("socket from systemd"),
+        "the daemon serves the socket systemd passed: {ready}"
+    );
+    stop(daemon, &mut notify);
+}
+
+/// A listening socket handed over as fd 3, with `LISTEN_FDS`/`LISTEN_PID` (systemd's
+/// protocol) or `--fd 3` (libvirt's).
+fn inherited(dev: &'static str, test: &str, systemd: bool) {
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let socket = d.path("vhost-user.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let mut notify = Notify::bind(d.dir.path());
+    // The shell moves the socket from stdin to fd 3 and, being replaced by the daemon
+    // through exec, knows the daemon's PID for LISTEN_PID.
+    let script = if systemd {
+        "exec 3<&0 </dev/null; export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$@\""
+    } else {
+        "exec 3<&0 </dev/null; exec \"$@\" --fd 3"
+    };
+    let mut args = vec!["-c".to_string(), script.to_string(), "sh".to_string()];
+    args.push(d.bin.display().to_string());
+    args.extend(d.flags());
+    let mut cmd = d.command(Path::new("/bin/sh"), &args);
+    cmd.env("NOTIFY_SOCKET", &notify.path)
+        .stdin(Stdio::from(OwnedFd::from(listener)));
+    let mut daemon = ChildGuard::spawn(test, cmd).expect("spawn");
+    let ready = notify.wait_for("READY=1", &mut daemon);
+    let origin = if systemd {
+        "socket from systemd"
+    } else {
+        "inherited fd 3"
+    };
+    assert!(ready.contains(origin), "{ready}");
+    // Ready means serving: one connection attempt, no retries.
+    d.check_frontend(&socket, Duration::ZERO);
+    stop(daemon, &mut notify);
+    assert!(
+        socket.exists(),
+        "a socket the daemon did not bind is not its to remove"
+    );
+}
+
+/// `--socket-path`: READY=1 only once the socket accepts.
+fn socket_path(dev: &'static str, test: &str) {
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let socket = d.path("vhost-user.sock");
+    let mut notify = Notify::bind(d.dir.path());
+    let mut args = vec![format!("--socket-path={}", socket.display())];
+    args.extend(d.flags());
+    let mut cmd = d.command(&d.bin, &args);
+    cmd.env("NOTIFY_SOCKET", &notify.path);
+    let mut daemon = ChildGuard::spawn(test, cmd).expect("spawn");
+    notify.wait_for("READY=1", &mut daemon);
+    d.check_frontend(&socket, Duration::ZERO);
+    stop(daemon, &mut notify);
+    assert!(!socket.exists(), "the daemon removes the socket it bound");
+}
+
+/// A configuration file alone (no flags but its path) runs the daemon.
+fn config_file_alone(dev: &'static str, test: &str) {
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let help = Command::new(&d.bin).arg("--help").output().expect("--help");
+    if !String::from_utf8_lossy(&help.stdout).contains("TOML file") {
+        skip(
+            test,
+            &format!(
+                "vhost-device-{dev} does not read TOML configuration files yet: its main must \
+                 parse with vhost_device_common::config::parse::<Args>()"
+            ),
+        );
+        return;
+    }
+    let socket = d.path("vhost-user.sock");
+    let mut table = toml::Table::new();
+    table.insert(
+        "socket-path".into(),
+        toml::Value::String(socket.display().to_string()),
+    );
+    for (k, v) in &d.options {
+        let value = v
+            .parse::<i64>()
+            .map_or_else(|_| toml::Value::String(v.clone()), toml::Value::Integer);
+        table.insert((*k).to_string(), value);
+    }
+    let file = d.path(&format!("{dev}.toml"));
+    std::fs::write(&file, table.to_string()).expect("write config");
+    let mut notify = Notify::bind(d.dir.path());
+    let mut cmd = d.command(
+        &d.bin,
+        &["--config".to_string(), file.display().to_string()],
+    );
+    cmd.env("NOTIFY_SOCKET", &notify.path);
+    let mut daemon = ChildGuard::spawn(test, cmd).expect("spawn");
+    notify.wait_for("READY=1", &mut daemon);
+    d.check_frontend(&socket, Duration::ZERO);
+    stop(daemon, &mut notify);
+
+    // A typo in the file is one line naming the key and the file, and a failure.
+    std::fs::write(&file, format!("{table}\nsoket-path = \"/x\"\n")).expect("write");
+    let mut cmd = d.command(
+        &d.bin,
+        &["--config".to_string(), file.display().to_string()],
+    );
+    let out = cmd.stderr(Stdio::piped()).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}: {stderr}", out.status);
+    assert!(
+        stderr.contains("soket-path") && stderr.contains(&file.display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// `--print-capabilities`: one JSON object of QEMU's `VHostUserBackendCapabilities`.
+fn print_capabilities(dev: &'static str, qemu_type: &str, test: &str) {
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let out = Command::new(&d.bin)
+        .arg("--print-capabilities")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    let obj = json.as_object().expect("a JSON object");
+    let ty = obj.get("type").and_then(|t| t.as_str()).expect("a type");
+    assert!(
+        QEMU_TYPES.contains(&ty),
+        "`{ty}` is not a VHostUserBackendType"
+    );
+    assert_eq!(ty, qemu_type);
+    for key in obj.keys() {
+        assert!(
+            key == "type" || key == "features",
+            "unknown member {key}: {stdout}"
+        );
+    }
+    if let Some(features) = obj.get("features") {
+        let allowed = qemu_features(ty);
+        for f in features.as_array().expect("features is a list") {
+            let f = f.as_str().expect("a feature name");
+            assert!(
+                allowed.contains(&f),
+                "`{f}` is not a {ty} feature of QEMU's schema"
+            );
+        }
+    }
+}
+
+macro_rules! daemon_tests {
+    ($($dev:ident => $qemu_type:literal),* $(,)?) => {
+        $(
+            mod $dev {
+                #[test]
+                fn systemd_socket_activate() {
+                    super::socket_activate(stringify!($dev), concat!(stringify!($dev), "::systemd_socket_activate"));
+                }
+                #[test]
+                fn listen_fds_by_hand() {
+                    super::inherited(stringify!($dev), concat!(stringify!($dev), "::listen_fds_by_hand"), true);
+                }
+                #[test]
+                fn inherited_fd() {
+                    super::inherited(stringify!($dev), concat!(stringify!($dev), "::inherited_fd"), false);
+                }
+                #[test]
+                fn socket_path_ready_means_listening() {
+                    super::socket_path(stringify!($dev), concat!(stringify!($dev), "::socket_path_ready_means_listening"));
+                }
+                #[test]
+                fn config_file_alone() {
+                    super::config_file_alone(stringify!($dev), concat!(stringify!($dev), "::config_file_alone"));
+                }
+                #[test]
+                fn print_capabilities() {
+                    super::print_capabilities(stringify!($dev), $qemu_type, concat!(stringify!($dev), "::print_capabilities"));
+                }
+            }
+        )*
+    };
+}
+
+daemon_tests! {
+    blk => "block",
+    net => "net",
+    vsock => "vsock",
+    console => "console",
+}
