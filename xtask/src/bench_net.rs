@@ -1,0 +1,396 @@
+//! `cargo xtask bench net`: vhost-device-net against QEMU's built-in virtio-net on a tap
+//! (`-netdev tap,vhost=off`; these machines have no `/dev/vhost-net`), same guest, same
+//! network namespace set-up, same iperf3 runs, one after the other in one invocation.
+//!
+//! For each subject a fresh namespace `vdn-bench-<pid>-<n>` holds the tap (10.79.0.1/24)
+//! and the iperf3 server; QEMU itself runs inside it (`ip netns exec`) so that its built-in
+//! tap can be opened by name there. Nothing touches the root namespace. The guest
+//! (10.79.0.2) runs, each for `--seconds` (default 10, `--quick` 4):
+//! - TCP guest to host and host to guest (`iperf3 -c`, `-R`), Mbit/s at the receiver;
+//! - small-packet UDP each way (`-u -b 0 -l 64`), packets per second that arrived.
+//!
+//! Both use INTx (`vectors=0`): QEMU 7.2 crashes starting a vhost-user virtio-net with
+//! MSI-X under TCG (see tests/src/qemu.rs), so the baseline is run the same way. The guest
+//! CPU is emulated (TCG) here: compare the two columns, not absolute figures.
+//! Options: `--quick`, `--seconds N`, `--cpus N` (guest vCPUs, default 1).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::guest::{compose_initrd, watch_vm, GuestSpec, Watch, GUEST_TAG};
+use e2e::{paths, ChildGuard};
+
+type Result<T> = std::result::Result<T, String>;
+
+const HOST: &str = "10.79.0.1";
+const GUEST: &str = "10.79.0.2";
+const TAP: &str = "vdnbench0";
+const MAC: &str = "52:54:00:be:e0:01";
+const TESTS: [(&str, &str); 4] = [
+    ("tcp_tx", "TCP guest->host"),
+    ("tcp_rx", "TCP host->guest"),
+    ("udp_tx", "UDP 64 B guest->host"),
+    ("udp_rx", "UDP 64 B host->guest"),
+];
+
+/// A test network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(n: usize) -> Result<Self> {
+        let name = format!("vdn-bench-{}-{n}", std::process::id());
+        sh(&format!("ip netns add {name}"))?;
+        let ns = Netns(name);
+        ns.sh("ip link set lo up; sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")?;
+        Ok(ns)
+    }
+
+    fn sh(&self, script: &str) -> Result<String> {
+        sh(&format!("ip netns exec {} sh -c '{script}'", self.0))
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn sh(script: &str) -> Result<String> {
+    let out = Command::new("/bin/sh")
+        .args(["-c", script])
+        .output()
+        .map_err(|e| format!("cannot run /bin/sh: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{script}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    Ours,
+    QemuTap,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Ours => "vhost-device-net",
+            Subject::QemuTap => "QEMU virtio-net + tap (vhost=off)",
+        }
+    }
+}
+
+/// One subject's figures, by test name; `None` where iperf3 printed no receiver line.
+#[derive(Debug, Default)]
+struct Figures {
+    values: Vec<(&'static str, Option<f64>)>,
+    daemon_cpu_s: Option<f64>,
+}
+
+/// Entry point for `cargo xtask bench net [options]`.
+pub fn run(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let number = |flag: &str, default: u64| -> Result<u64> {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse().map_err(|_| format!("{flag} {v}: not a number")))
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
+    let seconds = number("--seconds", if quick { 4 } else { 10 })?;
+    let cpus = number("--cpus", 1)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err("bench net creates network namespaces and taps: run it as root".into());
+    }
+    for tool in ["qemu-system-x86_64", "iperf3", "ip"] {
+        if crate::util::which(tool).is_none() {
+            return Err(format!("{tool} is not installed (cargo xtask deps)"));
+        }
+    }
+    if !paths::kernel().exists() || !paths::initrd().exists() {
+        return Err("no guest image: run `cargo xtask guest` first".into());
+    }
+    let daemon = build_daemon()?;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let initrd = work.path().join("initrd.gz");
+    let spec = GuestSpec::new(&guest_script(seconds));
+    let extra = spec.archive().map_err(|e| e.to_string())?;
+    compose_initrd(&paths::initrd(), &[&extra], &initrd).map_err(|e| e.to_string())?;
+
+    let mut results = Vec::new();
+    for (n, subject) in [Subject::Ours, Subject::QemuTap].into_iter().enumerate() {
+        crate::util::step(&format!(
+            "bench net: {} ({seconds} s per test)",
+            subject.name()
+        ));
+        let figures = measure(subject, n, &daemon, &initrd, work.path(), seconds, cpus)?;
+        results.push((subject, figures));
+    }
+    print_table(&results, seconds, cpus);
+    Ok(())
+}
+
+fn build_daemon() -> Result<PathBuf> {
+    crate::util::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "-p", "vhost-device-net"])
+            .current_dir(paths::workspace_root()),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| paths::workspace_root().join("target"));
+    let bin = target.join("release").join("vhost-device-net");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!("{} was not built", bin.display()))
+    }
+}
+
+fn guest_script(seconds: u64) -> String {
+    let mut s = format!(
+        "ip link set eth0 up\nip addr add {GUEST}/24 dev eth0\n\
+         i=0; until ping -c1 -W1 {HOST} >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i+1)); done\n"
+    );
+    let runs = [
+        ("tcp_tx", ""),
+        ("tcp_rx", "-R"),
+        ("udp_tx", "-u -b 0 -l 64"),
+        ("udp_rx", "-u -b 0 -l 64 -R"),
+    ];
+    for (name, flags) in runs {
+        s.push_str(&format!(
+            "echo BENCH-{name}; iperf3 -c {HOST} -p 5201 -t {seconds} -f m {flags} 2>&1 | grep -E 'receiver|error'\n"
+        ));
+    }
+    s.push_str("echo BENCH-END\n");
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    subject: Subject,
+    n: usize,
+    daemon: &Path,
+    initrd: &Path,
+    work: &Path,
+    seconds: u64,
+    cpus: u64,
+) -> Result<Figures> {
+    let ns = Netns::new(n)?;
+    let mut guards = Vec::new();
+    let socket = work.join(format!("net{n}.sock"));
+    let netdev: Vec<String> = match subject {
+        Subject::Ours => {
+            let mut cmd = ns.command(daemon);
+            cmd.arg("--socket-path").arg(&socket).args([
+                "--tap",
+                TAP,
+                "--ip",
+                &format!("{HOST}/24"),
+                "--mac",
+                MAC,
+            ]);
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            let mut guard =
+                ChildGuard::spawn("vhost-device-net", cmd).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !socket.exists() {
+                if guard.try_wait().is_some() || Instant::now() > deadline {
+                    return Err("vhost-device-net did not start".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            guards.push(guard);
+            vec![
+                "-chardev".into(),
+                format!("socket,id=c0,path={}", socket.display()),
+                "-netdev".into(),
+                "vhost-user,id=n0,chardev=c0".into(),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=n0,mac={MAC},vectors=0"),
+            ]
+        }
+        Subject::QemuTap => {
+            ns.sh(&format!(
+                "ip tuntap add {TAP} mode tap vnet_hdr && ip addr add {HOST}/24 dev {TAP} && ip link set {TAP} up"
+            ))?;
+            vec![
+                "-netdev".into(),
+                format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=n0,mac={MAC},vectors=0"),
+            ]
+        }
+    };
+    guards.push(
+        ChildGuard::spawn_shell_group(
+            "iperf3",
+            &format!("ip netns exec {} iperf3 -s -p 5201 >/dev/null 2>&1", ns.0),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let qemu = crate::util::which("qemu-system-x86_64").ok_or("no qemu-system-x86_64")?;
+    let mut cmd = ns.command(&qemu);
+    cmd.args([
+        "-machine",
+        "q35,memory-backend=mem",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+    ]);
+    cmd.args(["-smp", &cpus.to_string(), "-m", "1024M"]);
+    cmd.args(["-object", "memory-backend-memfd,id=mem,size=1024M,share=on"]);
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+    ]);
+    cmd.args(["-monitor", "none", "-no-reboot"]);
+    cmd.arg("-kernel")
+        .arg(paths::kernel())
+        .arg("-initrd")
+        .arg(initrd);
+    cmd.args([
+        "-append",
+        &format!("console=ttyS0 quiet panic=-1 e2e.tag={GUEST_TAG}"),
+    ]);
+    cmd.args(&netdev);
+    let watch = Watch {
+        launcher: format!("QEMU ({})", subject.name()),
+        tag: GUEST_TAG.to_string(),
+        boot_timeout: Duration::from_secs(60),
+        command_timeout: Duration::from_secs(60 + 8 * seconds),
+        echo: std::env::var_os("E2E_VERBOSE").is_some(),
+    };
+    let watched = watch_vm(cmd, &watch).map_err(|e| e.to_string())?;
+    let mut figures = Figures::default();
+    if subject == Subject::Ours {
+        figures.daemon_cpu_s = guards.first().and_then(|g| cpu_seconds(g.pid()));
+    }
+    for (name, _) in TESTS {
+        let section = watched
+            .output
+            .split(&format!("BENCH-{name}"))
+            .nth(1)
+            .and_then(|s| s.split("BENCH-").next())
+            .unwrap_or("");
+        let value = if name.starts_with("tcp") {
+            mbits(section)
+        } else {
+            packets_per_second(section, seconds)
+        };
+        if value.is_none() {
+            eprintln!(
+                "bench net: {}: no figure for {name}: {}",
+                subject.name(),
+                section.trim()
+            );
+        }
+        figures.values.push((name, value));
+    }
+    drop(guards);
+    Ok(figures)
+}
+
+/// The receiver's Mbit/s from iperf3 `-f m` output.
+fn mbits(section: &str) -> Option<f64> {
+    let line = section.lines().find(|l| l.contains("receiver"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "Mbits/sec")?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
+}
+
+/// Datagrams that arrived per second, from iperf3's UDP receiver line (`lost/total`).
+fn packets_per_second(section: &str, seconds: u64) -> Option<f64> {
+    let line = section.lines().find(|l| l.contains("receiver"))?;
+    let pair = line.split_whitespace().find(|w| {
+        w.contains('/')
+            && w.split('/')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })?;
+    let (lost, total) = pair.split_once('/')?;
+    let lost: f64 = lost.parse().ok()?;
+    let total: f64 = total.parse().ok()?;
+    #[allow(clippy::cast_precision_loss)]
+    let secs = seconds as f64;
+    Some((total - lost) / secs)
+}
+
+/// User plus system CPU seconds of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ, the unit of /proc times, is 100 on every Linux architecture we build for.
+    Some((utime + stime) / 100.0)
+}
+
+fn print_table(results: &[(Subject, Figures)], seconds: u64, cpus: u64) {
+    println!();
+    println!("vhost-device-net vs QEMU built-in virtio-net (tap, vhost=off); guest {cpus} vCPU, TCG, {seconds} s per test");
+    println!(
+        "{:<24} {:>18} {:>18} {:>8}",
+        "test", "vhost-device-net", "QEMU tap", "ratio"
+    );
+    let ours = results
+        .iter()
+        .find(|(s, _)| *s == Subject::Ours)
+        .map(|(_, f)| f);
+    let peer = results
+        .iter()
+        .find(|(s, _)| *s == Subject::QemuTap)
+        .map(|(_, f)| f);
+    for (name, label) in TESTS {
+        let get = |f: Option<&Figures>| {
+            f.and_then(|f| {
+                f.values
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .and_then(|(_, v)| *v)
+            })
+        };
+        let (a, b) = (get(ours), get(peer));
+        let unit = if name.starts_with("tcp") {
+            "Mbit/s"
+        } else {
+            "pkt/s"
+        };
+        let fmt =
+            |v: Option<f64>| v.map_or_else(|| "failed".to_string(), |v| format!("{v:.0} {unit}"));
+        let ratio = match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        println!("{label:<24} {:>18} {:>18} {ratio:>8}", fmt(a), fmt(b));
+    }
+    if let Some(cpu) = ours.and_then(|f| f.daemon_cpu_s) {
+        println!("vhost-device-net CPU time over the whole run: {cpu:.1} s");
+    }
+}
