@@ -56,6 +56,8 @@ pub struct PciConfig {
     regs: [u32; NUM_REGS],
     wmask: [u32; NUM_REGS],
     bar_sizes: [u64; NUM_BARS],
+    /// Where each BAR is decoded: the last address programmed that was not a sizing probe.
+    bar_addrs: [u64; NUM_BARS],
     last_cap: Option<usize>,
     next_cap: usize,
 }
@@ -86,6 +88,7 @@ impl PciConfig {
             regs,
             wmask,
             bar_sizes: [0; NUM_BARS],
+            bar_addrs: [0; NUM_BARS],
             last_cap: None,
             next_cap: CAP_START,
         }
@@ -106,6 +109,7 @@ impl PciConfig {
     pub fn set_bar_addr(&mut self, index: usize, addr: u32) {
         if let Some(reg) = self.regs.get_mut(BAR0_REG + index) {
             *reg = addr & self.wmask[BAR0_REG + index];
+            self.bar_addrs[index] = u64::from(*reg);
         }
     }
 
@@ -194,12 +198,21 @@ impl PciConfig {
         let w = self.wmask[reg] & mask;
         self.regs[reg] = (old & !w) | (value & w);
         let bar = reg.checked_sub(BAR0_REG).filter(|i| *i < NUM_BARS)?;
-        let (len, new) = (self.bar_sizes[bar], self.regs[reg]);
-        let sizing = new == self.wmask[reg];
-        (len != 0 && new != old && !sizing && new != 0).then(|| BarMove {
+        let (len, new, at) = (
+            self.bar_sizes[bar],
+            u64::from(self.regs[reg]),
+            self.bar_addrs[bar],
+        );
+        // All ones reads back the size mask: a sizing probe, not a move.
+        let sizing = self.regs[reg] == self.wmask[reg];
+        if len == 0 || sizing || new == 0 || new == at {
+            return None;
+        }
+        self.bar_addrs[bar] = new;
+        Some(BarMove {
             index: bar,
-            old: u64::from(old),
-            new: u64::from(new),
+            old: at,
+            new,
             len,
         })
     }
@@ -243,9 +256,9 @@ mod tests {
         // Sizing: all ones reads back the size mask, and is not a move.
         assert_eq!(c.write(4, 0, &[0xff; 4]), None);
         assert_eq!(c.read_reg(4), 0xffff_8000);
-        // Restoring the old value moves it from the sizing pattern back.
-        let m = c.write(4, 0, &0xc000_0000u32.to_le_bytes()).expect("move");
-        assert_eq!(m.new, 0xc000_0000);
+        // Restoring the old value is not a move either: the BAR never left.
+        assert_eq!(c.write(4, 0, &0xc000_0000u32.to_le_bytes()), None);
+        assert_eq!(c.bar_addr(0), 0xc000_0000);
         let m = c.write(4, 0, &0xc001_0000u32.to_le_bytes()).expect("move");
         assert_eq!(
             m,
