@@ -3,6 +3,8 @@
 mod demo;
 mod deps;
 mod guest;
+mod install;
+mod man;
 mod test;
 mod util;
 
@@ -15,6 +17,11 @@ tasks:
                    guest image, then fmt --check, clippy -D warnings, cargo test --workspace
   guest            build the test guest (Debian cloud kernel + initramfs) into target/guest
   deps             install the Debian packages the tests need (as root)
+  man [DIR]        man pages and shell completions from the clap definitions, into DIR
+                   (default: the target directory): DIR/man/man1, DIR/completions
+  install [--prefix P] [--destdir D] [--no-build]
+                   build and install the daemons, man pages, completions, systemd units,
+                   QEMU vhost-user descriptors and example configurations
 ";
 
 fn main() {
@@ -32,6 +39,12 @@ fn main() {
         Some("demo") => demo::run_demo(),
         Some("guest") => deps::ensure_packages().and_then(|()| guest::build()),
         Some("deps") => deps::ensure_packages(),
+        Some("man") => man::run(
+            &args
+                .get(1)
+                .map_or_else(man::target_dir, std::path::PathBuf::from),
+        ),
+        Some("install") => install::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
