@@ -19,6 +19,7 @@ pub const PACKAGES: &[&str] = &[
     "iperf3",
     "kmod",
     "iproute2",
+    "systemd",
 ];
 
 fn installed(pkg: &str) -> bool {
