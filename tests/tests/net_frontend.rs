@@ -444,3 +444,67 @@ fn a_busy_tap_is_reported() {
     assert!(stderr.contains("tap vdnbusy is busy"), "{stderr}");
     drop(first);
 }
+
+/// A frame that arrives when the guest has too few RX buffers waits in the daemon until the
+/// guest adds more; it is neither dropped nor truncated.
+#[test]
+fn a_frame_waits_for_rx_buffers_instead_of_being_lost() {
+    let Some(ns) = netns_or_skip("net_frontend::rx_refill") else {
+        return;
+    };
+    let d = daemon(&ns, &[]);
+    let mut drv = connect(&d, 8, 2048);
+    let host_mac = drv.resolve_host();
+    // The ring is empty when the host's reply arrives.
+    let mut rest = take_all_rx_buffers(&mut drv);
+    let payload: Vec<u8> = (0..1400u32)
+        .map(|i| u8::try_from(i % 199).unwrap_or(0))
+        .collect();
+    let req = icmp_echo(host_mac, GUEST_MAC, GUEST_IP, HOST_IP, 99, &payload);
+    assert_eq!(drv.send(&req), 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        drv.fe.queue(RX).poll_used().is_none(),
+        "nothing delivered while the ring is empty"
+    );
+    // One 512-byte buffer is not enough for the 1454-byte frame: still nothing.
+    let a = rest.pop().expect("buffer");
+    drv.rx_size = 512;
+    drv.post(a);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        drv.fe.queue(RX).poll_used().is_none(),
+        "a partial frame is never delivered"
+    );
+    // Two more: the waiting frame arrives whole, merged over the three.
+    for addr in rest.drain(..2) {
+        drv.post(addr);
+    }
+    let (reply, buffers) = drv.recv_until("the waiting echo reply", |f| {
+        f.len() > 42 && f[12..14] == [8, 0] && f[34] == 0 && f[38..40] == 99u16.to_be_bytes()
+    });
+    assert_eq!(&reply[HDR + 42..], &payload[..]);
+    assert_eq!(buffers, 3);
+}
+
+/// Empties the RX ring: pings the host until every posted buffer came back used, without
+/// reposting them, and returns their addresses for reuse.
+fn take_all_rx_buffers(drv: &mut Driver) -> Vec<GuestAddress> {
+    let mut free = Vec::new();
+    let posted = drv.rx_bufs.len();
+    let host_mac = drv.resolve_host();
+    for id in 0..u16::try_from(posted * 2).unwrap_or(u16::MAX) {
+        if drv.rx_bufs.is_empty() {
+            break;
+        }
+        let req = icmp_echo(host_mac, GUEST_MAC, GUEST_IP, HOST_IP, 1000 + id, b"x");
+        assert_eq!(drv.send(&req), 0);
+        if let Ok(used) = drv.fe.queue(RX).wait_used(WAIT) {
+            if let Some(addr) = drv.rx_bufs.remove(&used.id) {
+                free.push(addr);
+            }
+        }
+    }
+    assert!(drv.rx_bufs.is_empty(), "all RX buffers consumed");
+    free
+}
