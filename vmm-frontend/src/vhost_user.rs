@@ -30,7 +30,7 @@ pub const QUEUE_SIZE: u16 = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
     /// The socket could not be connected.
-    #[error("cannot connect to the {kind} daemon at {socket}: is it running?")]
+    #[error("cannot connect to the {kind} daemon at {socket} (is it running?)")]
     Connect {
         /// Device kind.
         kind: &'static str,

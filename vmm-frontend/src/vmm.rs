@@ -63,6 +63,9 @@ pub enum VmmError {
     /// The devices do not fit the BAR window.
     #[error("too many devices for the PCI memory window")]
     NoBarSpace,
+    /// The kernel or initramfs cannot be opened.
+    #[error("cannot open {0}")]
+    Open(String, #[source] std::io::Error),
     /// The guest failed.
     #[error("the guest stopped: {0}")]
     Guest(String),
@@ -90,18 +93,27 @@ fn serial_output(mode: &SerialMode) -> Result<Box<dyn Write + Send>, VmmError> {
 
 /// Builds and runs the VM; returns how the guest ended it.
 pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
+    // What the user most likely got wrong is checked first, before KVM is touched: the
+    // kernel and initramfs paths, then the daemons (a missing one names its socket).
+    for path in std::iter::once(&config.kernel).chain(config.initramfs.as_ref()) {
+        std::fs::File::open(path).map_err(|e| VmmError::Open(path.display().to_string(), e))?;
+    }
+    let ranges: Vec<(GuestAddress, u64)> = arch::ram_ranges(config.memory)
+        .into_iter()
+        .map(|(a, s)| (GuestAddress(a), s))
+        .collect();
+    let mem = crate::memory::create(&ranges)?;
+    let mut backends = Vec::new();
+    for d in &config.devices {
+        backends.push((d.clone(), VhostUserDevice::connect(d, mem.clone())?));
+    }
+
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
     let vm = Arc::new(
         kvm.create_vm()
             .map_err(|e| VmmError::KvmIoctl("CREATE_VM", e))?,
     );
     arch::setup_vm(&vm)?;
-
-    let ranges: Vec<(GuestAddress, u64)> = arch::ram_ranges(config.memory)
-        .into_iter()
-        .map(|(a, s)| (GuestAddress(a), s))
-        .collect();
-    let mem = crate::memory::create(&ranges)?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -118,12 +130,6 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
         // slot numbers and guest ranges are distinct by construction of `ram_ranges`.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmmError::KvmIoctl("SET_USER_MEMORY_REGION", e))?;
-    }
-
-    // Attach the daemons first: a missing one is the most likely mistake and names itself.
-    let mut backends = Vec::new();
-    for d in &config.devices {
-        backends.push((d.clone(), VhostUserDevice::connect(d, mem.clone())?));
     }
 
     let entry = arch::load_guest(&mem, config)?;
