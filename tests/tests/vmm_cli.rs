@@ -9,11 +9,19 @@ fn vmm(args: &[&str]) -> Option<Output> {
     if !bin.exists() {
         e2e::qemu::skip(
             "vmm_cli",
-            &format!("{} is not built (cargo build -p vmm-frontend)", bin.display()),
+            &format!(
+                "{} is not built (cargo build -p vmm-frontend)",
+                bin.display()
+            ),
         );
         return None;
     }
-    Some(Command::new(bin).args(args).output().expect("run vmm-frontend"))
+    Some(
+        Command::new(bin)
+            .args(args)
+            .output()
+            .expect("run vmm-frontend"),
+    )
 }
 
 /// The single stderr line, asserting there is exactly one and the exit status is 1.
