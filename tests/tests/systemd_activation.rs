@@ -435,6 +435,66 @@ fn print_capabilities(dev: &'static str, qemu_type: &str, test: &str) {
     }
 }
 
+/// Under the journal (`JOURNAL_STREAM` naming stderr): syslog priority prefixes, no
+/// timestamps; `RUST_LOG` filters. On anything else: timestamps.
+fn journal_logging(dev: &'static str, test: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let run = |journal: bool, filter: &str| -> String {
+        let log = d.path("stderr.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let meta = file.metadata().expect("stat");
+        let socket = d.path("vhost-user.sock");
+        let mut notify = Notify::bind(d.dir.path());
+        let mut args = vec![format!("--socket-path={}", socket.display())];
+        args.extend(d.flags());
+        let mut cmd = d.command(&d.bin, &args);
+        cmd.env("NOTIFY_SOCKET", &notify.path)
+            .env("RUST_LOG", filter)
+            .stderr(Stdio::from(file));
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        let mut daemon = ChildGuard::spawn(test, cmd).expect("spawn");
+        notify.wait_for("READY=1", &mut daemon);
+        stop(daemon, &mut notify);
+        std::fs::remove_file(&notify.path).expect("remove notify socket");
+        std::fs::read_to_string(&log).expect("read log")
+    };
+    let journal = run(true, "info");
+    assert!(!journal.is_empty(), "the daemon logs at info");
+    for line in journal.lines() {
+        let prio = line
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .map(|(p, _)| p);
+        assert!(
+            matches!(prio, Some("3" | "4" | "6" | "7")),
+            "a syslog priority prefix: {line:?}"
+        );
+        assert!(
+            !line.contains("[20"),
+            "no timestamp under the journal: {line:?}"
+        );
+    }
+    assert!(
+        journal.contains("<6>"),
+        "info lines are priority 6: {journal}"
+    );
+    let quiet = run(true, "warn");
+    assert!(
+        !quiet.contains("<6>"),
+        "RUST_LOG=warn drops info lines: {quiet}"
+    );
+    let terminal = run(false, "info");
+    assert!(
+        terminal.lines().all(|l| l.starts_with("[20")),
+        "timestamps without the journal: {terminal}"
+    );
+}
+
 macro_rules! daemon_tests {
     ($($dev:ident => $qemu_type:literal),* $(,)?) => {
         $(
@@ -458,6 +518,10 @@ macro_rules! daemon_tests {
                 #[test]
                 fn config_file_alone() {
                     super::config_file_alone(stringify!($dev), concat!(stringify!($dev), "::config_file_alone"));
+                }
+                #[test]
+                fn journal_logging() {
+                    super::journal_logging(stringify!($dev), concat!(stringify!($dev), "::journal_logging"));
                 }
                 #[test]
                 fn print_capabilities() {

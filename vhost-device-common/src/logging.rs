@@ -16,13 +16,12 @@ pub fn init() {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if crate::systemd::under_journal() {
         builder.format(|buf, record| {
-            let prio = match record.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                log::Level::Debug | log::Level::Trace => 7,
-            };
-            writeln!(buf, "<{prio}>{}", record.args())
+            writeln!(
+                buf,
+                "<{}>{}",
+                journal_priority(record.level()),
+                record.args()
+            )
         });
     } else {
         builder.format_timestamp_millis().format_target(false);
@@ -30,7 +29,31 @@ pub fn init() {
     let _ = builder.try_init();
 }
 
+/// The syslog priority the journal reads from a `<N>` line prefix (`sd-daemon(3)`).
+pub fn journal_priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
+}
+
 /// Whether [`init`] has run.
 pub fn is_initialized() -> bool {
     INITIALIZED.load(Ordering::SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        assert_eq!(journal_priority(log::Level::Error), 3); // LOG_ERR
+        assert_eq!(journal_priority(log::Level::Warn), 4); // LOG_WARNING
+        assert_eq!(journal_priority(log::Level::Info), 6); // LOG_INFO
+        assert_eq!(journal_priority(log::Level::Debug), 7); // LOG_DEBUG
+        assert_eq!(journal_priority(log::Level::Trace), 7);
+    }
 }

@@ -19,17 +19,38 @@ pub fn notify_status(status: &str) {
 }
 
 /// Whether stderr is connected to the journal (systemd sets `JOURNAL_STREAM` to the
-/// device and inode of the stream it gave us; we compare it with stderr's).
+/// device and inode of the stream it gave us; we compare it with stderr's, since a child
+/// that inherited the variable may have had stderr redirected elsewhere).
 pub fn under_journal() -> bool {
     let Ok(value) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = value.split_once(':') else {
         return false;
     };
     let Ok(stat) = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr()))
     else {
         return false;
     };
-    dev.parse::<u64>().ok() == Some(stat.st_dev) && ino.parse::<u64>().ok() == Some(stat.st_ino)
+    stream_matches(&value, stat.st_dev, stat.st_ino)
+}
+
+/// Whether a `JOURNAL_STREAM` value (`DEVICE:INODE`, decimal) names this device and inode.
+fn stream_matches(value: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = value.split_once(':') else {
+        return false;
+    };
+    d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_must_name_stderr_exactly() {
+        assert!(stream_matches("2049:1234", 2049, 1234));
+        assert!(!stream_matches("2049:1235", 2049, 1234));
+        assert!(!stream_matches("2048:1234", 2049, 1234));
+        assert!(!stream_matches("2049", 2049, 1234));
+        assert!(!stream_matches("x:y", 2049, 1234));
+        assert!(!stream_matches("", 2049, 1234));
+    }
 }
