@@ -495,6 +495,36 @@ fn journal_logging(dev: &'static str, test: &str) {
     );
 }
 
+/// Every key of the shipped example configuration, commented out or not, is an option of
+/// the daemon (so uncommenting one never stops the service).
+fn example_config_keys(dev: &'static str, test: &str) {
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let help = Command::new(&d.bin).arg("--help").output().expect("--help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let example = e2e::paths::workspace_root().join(format!("dist/config/{dev}.toml"));
+    let text = std::fs::read_to_string(&example).expect("example config");
+    let keys: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        .collect();
+    assert!(keys.len() >= 2, "{}: {keys:?}", example.display());
+    for key in keys {
+        let flag = format!("--{key}");
+        let found = help
+            .match_indices(&flag)
+            .any(|(i, m)| matches!(help[i + m.len()..].chars().next(), Some(' ' | '\n')));
+        assert!(
+            found,
+            "{}: `{key}` is not an option of vhost-device-{dev}",
+            example.display()
+        );
+    }
+}
+
 macro_rules! daemon_tests {
     ($($dev:ident => $qemu_type:literal),* $(,)?) => {
         $(
@@ -522,6 +552,10 @@ macro_rules! daemon_tests {
                 #[test]
                 fn journal_logging() {
                     super::journal_logging(stringify!($dev), concat!(stringify!($dev), "::journal_logging"));
+                }
+                #[test]
+                fn example_config_keys() {
+                    super::example_config_keys(stringify!($dev), concat!(stringify!($dev), "::example_config_keys"));
                 }
                 #[test]
                 fn print_capabilities() {
