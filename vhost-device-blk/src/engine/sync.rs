@@ -68,6 +68,52 @@ pub(crate) fn write_all(
     Ok(())
 }
 
+/// What a non-blocking attempt (`RWF_NOWAIT`) on a descriptor can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nowait {
+    /// The file supports `RWF_NOWAIT`: try inline, hand to io_uring only what would block.
+    Supported,
+    /// The file does not (tmpfs, for one): io_uring would hand every request to a kernel
+    /// worker thread; with data in memory a plain copy in the worker is cheaper.
+    Unsupported,
+}
+
+/// Probes `fd` with a one-byte `RWF_NOWAIT` read at offset 0.
+pub(crate) fn probe_nowait(fd: RawFd) -> Nowait {
+    let mut byte = 0u8;
+    let iov = libc::iovec {
+        iov_base: std::ptr::addr_of_mut!(byte).cast(),
+        iov_len: 1,
+    };
+    // SAFETY: one iovec pointing at `byte`, a live local of one byte; the kernel writes at
+    // most that byte.
+    let r = unsafe { libc::preadv2(fd, &iov, 1, 0, libc::RWF_NOWAIT) };
+    if r < 0 && errno() == libc::EOPNOTSUPP {
+        Nowait::Unsupported
+    } else {
+        Nowait::Supported
+    }
+}
+
+/// One `RWF_NOWAIT` attempt: the bytes transferred without blocking (0 if it would block or
+/// failed; the caller then takes the blocking path, which reports real errors).
+pub(crate) fn try_nowait(fd: RawFd, offset: u64, iov: &IoVecs, write: bool) -> u64 {
+    let v = iov.as_slice();
+    let (Ok(count), Ok(off)) = (i32::try_from(v.len()), i64::try_from(offset)) else {
+        return 0;
+    };
+    let n = if write {
+        // SAFETY: `v` is a valid iovec array of `count` entries pointing into the guest
+        // memory mapping `iov` keeps alive; the kernel only reads those bytes.
+        unsafe { libc::pwritev2(fd, v.as_ptr(), count, off, libc::RWF_NOWAIT) }
+    } else {
+        // SAFETY: as above; the kernel writes only the bytes the iovecs cover, all inside
+        // guest memory (checked by `IoVecs::new`).
+        unsafe { libc::preadv2(fd, v.as_ptr(), count, off, libc::RWF_NOWAIT) }
+    };
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// `fallocate(mode)` on each range; a filesystem that cannot zero a range in place gets
 /// the zeroes written.
 pub(crate) fn fallocate(fd: RawFd, mode: i32, ranges: &[(u64, u64)]) -> Result<(), i32> {

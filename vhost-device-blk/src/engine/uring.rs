@@ -1,5 +1,11 @@
 //! The io_uring engine: one ring per worker thread, many jobs in flight.
 //!
+//! A buffered read or write that cannot block is served in the worker, without a trip
+//! through the ring: a page-cache hit tried with `RWF_NOWAIT`, or any transfer on a file
+//! that has no `RWF_NOWAIT` at all (tmpfs), where io_uring would only hand the copy to a
+//! kernel thread and wake us up again. Everything else (`O_DIRECT`, cache misses, flushes,
+//! discards, writethrough writes) goes to the ring.
+//!
 //! [`Engine::submit`] only writes submission entries; [`Engine::commit`] hands the whole
 //! batch of one kick to the kernel with a single `io_uring_enter`. Finished jobs raise the
 //! eventfd registered with the ring, which the worker's epoll watches. A job's buffers and
@@ -38,6 +44,8 @@ pub struct Uring {
     queued: usize,
     busy: usize,
     done: Vec<Done>,
+    /// What `RWF_NOWAIT` can do on the buffered descriptor.
+    nowait: sync::Nowait,
 }
 
 impl std::fmt::Debug for Uring {
@@ -57,6 +65,7 @@ impl Uring {
         let event = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         let capacity = entries as usize;
+        let nowait = sync::probe_nowait(disk.fd(false));
         Ok(Uring {
             ring,
             disk,
@@ -66,7 +75,52 @@ impl Uring {
             queued: 0,
             busy: 0,
             done: Vec::new(),
+            nowait,
         })
+    }
+
+    /// Serves a buffered read or write in the worker when that cannot block: with
+    /// `RWF_NOWAIT` where the file supports it (a page-cache hit), or as a plain copy where it
+    /// does not (tmpfs: memory either way, and io_uring would only hand it to a kernel
+    /// thread). Returns the job if (what is left of) it must go to the ring.
+    fn try_inline(&mut self, mut job: Job) -> Option<Job> {
+        let (offset, iov, write, dsync) = match &mut job.op {
+            Op::Read { offset, iov } => (*offset, iov, false, false),
+            Op::Write { offset, iov, dsync } => (*offset, iov, true, *dsync),
+            Op::Flush | Op::Fallocate { .. } => return Some(job),
+        };
+        if self.disk.direct() && iov.aligned() {
+            return Some(job);
+        }
+        let fd = self.disk.fd(false);
+        match self.nowait {
+            sync::Nowait::Unsupported => {
+                let result = sync::execute(&self.disk, job.op);
+                self.done.push(Done {
+                    tag: job.tag,
+                    result,
+                });
+                None
+            }
+            // A writethrough write waits for the disk: never inline.
+            sync::Nowait::Supported if dsync => Some(job),
+            sync::Nowait::Supported => {
+                let n = sync::try_nowait(fd, offset, iov, write);
+                if n >= iov.len() {
+                    self.done.push(Done {
+                        tag: job.tag,
+                        result: Ok(()),
+                    });
+                    return None;
+                }
+                iov.advance(n);
+                match &mut job.op {
+                    Op::Read { offset, .. } | Op::Write { offset, .. } => *offset += n,
+                    Op::Flush | Op::Fallocate { .. } => {}
+                }
+                Some(job)
+            }
+        }
     }
 
     /// The submission entries for `op`, tagged with `slot`.
@@ -213,6 +267,9 @@ impl Engine for Uring {
                 return;
             }
         }
+        let Some(job) = self.try_inline(job) else {
+            return;
+        };
         // Every slot busy (a driver with more requests out than its queue holds): wait for
         // one to finish, so memory stays bounded whatever the guest does.
         while self.free.is_empty() {
