@@ -497,7 +497,9 @@ fn guest_to_host_flow_control_with_a_stalled_reader() {
         tx_cnt = tx_cnt.wrapping_add(n as u32);
         g.collect();
         while let Some((h, _)) = g.inbox.pop_front() {
-            assert_eq!(h.op, CREDIT_UPDATE, "unexpected {h:?}");
+            // Once everything is through, the reader may already have closed.
+            let done = sent == total && h.op == SHUTDOWN;
+            assert!(h.op == CREDIT_UPDATE || done, "unexpected {h:?}");
             peer_fwd = h.fwd_cnt;
         }
     }

@@ -101,12 +101,14 @@ fn queue_ready(vring: &VringRwLock) -> bool {
 }
 
 impl Inner {
-    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    /// Handles every TX chain; returns whether any was used (the caller notifies, after
+    /// the RX packets the chains caused are out: the driver waits on those, not on TX).
+    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<bool> {
         let Some(atomic) = &self.mem else {
-            return Ok(());
+            return Ok(false);
         };
         if !queue_ready(vring) {
-            return Ok(());
+            return Ok(false);
         }
         let mem = atomic.memory();
         let muxer = &mut self.muxer;
@@ -123,10 +125,7 @@ impl Inner {
             used = true;
         })
         .map_err(|e| io::Error::other(format!("TX queue: {e}")))?;
-        if used {
-            queue::notify(vring)?;
-        }
-        Ok(())
+        Ok(used)
     }
 
     fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
@@ -268,8 +267,11 @@ impl VhostUserBackend for VsockBackend {
         match device_event {
             RX_QUEUE => inner.process_rx(rx)?,
             TX_QUEUE => {
-                inner.process_tx(tx)?;
+                let used = inner.process_tx(tx)?;
                 inner.process_rx(rx)?;
+                if used {
+                    queue::notify(tx)?;
+                }
             }
             EVENT_QUEUE => {}
             MUXER_EVENT => {

@@ -441,11 +441,14 @@ impl Connection {
         Ok(progress)
     }
 
-    /// Whether the guest should hear about freed buffer space now: half the buffer freed
-    /// since it last heard, or everything forwarded while it may be waiting.
+    /// Whether the guest should hear about freed buffer space now: it believes more than
+    /// half of our buffer is in use and some of that has been forwarded since it last
+    /// heard. A guest out of credit (it believes all is in use) thus always hears as soon
+    /// as anything moves, and a guest with room to spare is not interrupted per packet.
     pub fn credit_update_due(&self) -> bool {
         let unreported = (self.fwd_cnt - self.reported_fwd_cnt).0;
-        unreported > 0 && (unreported >= self.buf_alloc / 2 || self.host_backlog() == 0)
+        let believed_in_use = (self.rx_cnt - self.reported_fwd_cnt).0;
+        unreported > 0 && believed_in_use > self.buf_alloc / 2
     }
 
     /// The guest shut down `flags`.

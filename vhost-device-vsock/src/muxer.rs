@@ -512,7 +512,12 @@ impl Muxer {
             }
             op::RW if conn.state == State::Established => {
                 if let Err(e) = conn.from_guest(mem, pkt) {
-                    if self.throttle.hit("data refused") {
+                    if matches!(e, crate::conn::Error::Io(_)) {
+                        debug!(
+                            "cid {}: host socket failed, connection reset: {e}",
+                            self.settings.cid
+                        );
+                    } else if self.throttle.hit("data refused") {
                         warn!("cid {}: connection reset: {e}", self.settings.cid);
                     }
                     return self.reset_conn(id, true);
