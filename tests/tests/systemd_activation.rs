@@ -247,6 +247,21 @@ fn stop(mut daemon: ChildGuard, notify: &mut Notify) {
 }
 
 fn socket_activate(dev: &'static str, test: &str) {
+    socket_activate_with(dev, test, false);
+}
+
+/// A configuration naming the very socket systemd passes (one file for both ways of
+/// running) takes systemd's socket instead of failing on a path in use.
+#[test]
+fn blk_socket_path_naming_the_activated_socket() {
+    socket_activate_with(
+        "blk",
+        "systemd_activation::blk_socket_path_naming_the_activated_socket",
+        true,
+    );
+}
+
+fn socket_activate_with(dev: &'static str, test: &str, with_path: bool) {
     let Some(activate) = which("systemd-socket-activate") else {
         skip(
             test,
@@ -267,6 +282,9 @@ fn socket_activate(dev: &'static str, test: &str) {
         d.bin.display().to_string(),
     ];
     args.extend(d.flags());
+    if with_path {
+        args.push(format!("--socket-path={}", socket.display()));
+    }
     let mut daemon = ChildGuard::spawn(test, d.command(&activate, &args)).expect("spawn");
     assert!(wait_for_path(&socket, T), "systemd-socket-activate listens");
     // systemd-socket-activate starts the daemon on the first connection, as systemd does.
@@ -571,4 +589,82 @@ daemon_tests! {
     net => "net",
     vsock => "vsock",
     console => "console",
+}
+
+/// QEMU as the frontend of a socket-activated daemon configured by its file alone: the guest
+/// reads what the file configured and writes through, and the daemon reported readiness.
+#[test]
+fn blk_qemu_guest_through_socket_activation() {
+    let test = "systemd_activation::blk_qemu_guest_through_socket_activation";
+    let Some(activate) = which("systemd-socket-activate") else {
+        skip(
+            test,
+            "systemd-socket-activate is not installed (Debian package `systemd`)",
+        );
+        return;
+    };
+    let Some(qemu) = e2e::qemu_or_skip(test) else {
+        return;
+    };
+    let Some(d) = Daemon::new("blk", test) else {
+        return;
+    };
+    let image = d.path("disk.raw");
+    let head: Vec<u8> = (0u8..16)
+        .map(|i| i.wrapping_mul(17).wrapping_add(3))
+        .collect();
+    let mut bytes = vec![0u8; usize::try_from(DISK_BYTES).expect("size")];
+    bytes[..16].copy_from_slice(&head);
+    std::fs::write(&image, &bytes).expect("image");
+    let config = d.path("vm1.toml");
+    std::fs::write(
+        &config,
+        format!("image = \"{}\"\nserial = \"svc-vm1\"\n", image.display()),
+    )
+    .expect("config");
+    let socket = d.path("vhost-user.sock");
+    let mut notify = Notify::bind(d.dir.path());
+    let args = vec![
+        "-l".to_string(),
+        socket.display().to_string(),
+        format!("-ENOTIFY_SOCKET={}", notify.path.display()),
+        d.bin.display().to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+    ];
+    let mut daemon = ChildGuard::spawn(test, d.command(&activate, &args)).expect("spawn");
+    assert!(wait_for_path(&socket, T), "systemd-socket-activate listens");
+    let cmd = r#"
+echo size=$(cat /sys/block/vda/size)
+echo serial=$(cat /sys/block/vda/serial)
+echo head=$(head -c 16 /dev/vda | od -An -tx1 | tr -d ' \n')
+printf 'written-by-guest' | dd of=/dev/vda bs=512 seek=8 count=1 conv=sync,fsync 2>/dev/null
+sync
+echo wrote=ok
+"#;
+    let run = e2e::GuestSpec::new(cmd)
+        .device(e2e::Device::blk(&socket))
+        .timeout(Duration::from_secs(180))
+        .run(&qemu)
+        .expect("guest run");
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    let hex: String = head.iter().map(|b| format!("{b:02x}")).collect();
+    for want in [
+        format!("size={}", DISK_BYTES / 512),
+        "serial=svc-vm1".to_string(),
+        format!("head={hex}"),
+        "wrote=ok".to_string(),
+    ] {
+        assert!(
+            run.output.lines().any(|l| l.trim() == want),
+            "{want}\n{}",
+            run.output
+        );
+    }
+    let ready = notify.wait_for("READY=1", &mut daemon);
+    assert!(ready.contains("socket from systemd"), "{ready}");
+    stop(daemon, &mut notify);
+    let on_disk = std::fs::read(&image).expect("image");
+    assert_eq!(&on_disk[4096..4112], b"written-by-guest");
+    assert!(on_disk[4112..4608].iter().all(|b| *b == 0));
 }
