@@ -277,3 +277,44 @@ fn guest_data_survives_a_daemon_restart_between_boots() {
     assert!(d.image_bytes(100 * 4096, 4096) == marker);
     d.stop();
 }
+
+#[test]
+fn guest_sees_the_disk_grow_when_the_daemon_is_told() {
+    let Some(qemu) = qemu("blk_guest::guest_sees_the_disk_grow_when_the_daemon_is_told") else {
+        return;
+    };
+    let mut d = Daemon::new(32 * MIB);
+    d.start(&[]);
+    let pid = d.child.as_ref().map_or(0, ChildGuard::pid);
+    // The guest writes READY to its first sector once it has read the size; the host then
+    // grows the image and sends SIGHUP to the daemon.
+    let host = format!(
+        "while [ \"$(head -c 5 '{img}')\" != READY ]; do sleep 0.2; done; truncate -s 48M '{img}'; kill -HUP {pid}",
+        img = d.image.display()
+    );
+    let cmd = r#"
+echo before=$(cat /sys/block/vda/size)
+printf READY | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null
+i=0
+while [ "$(cat /sys/block/vda/size)" = 65536 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+echo after=$(cat /sys/block/vda/size)
+dd if=/dev/zero of=/dev/vda bs=4k seek=$(( (48 << 20) / 4096 - 1 )) count=1 oflag=direct 2>/dev/null && echo tail=writable
+"#;
+    let run = GuestSpec::new(cmd)
+        .device(e2e::Device::blk(&d.sock))
+        .host_background(&host)
+        .timeout(Duration::from_secs(120))
+        .run(&qemu)
+        .unwrap_or_else(|e| panic!("guest run: {e}\ndaemon log:\n{}", d.log()));
+    let out = &run.output;
+    assert_eq!(value(out, "before"), Some("65536"), "{out}");
+    assert_eq!(
+        value(out, "after"),
+        Some("98304"),
+        "{out}\ndaemon log:\n{}",
+        d.log()
+    );
+    assert_eq!(value(out, "tail"), Some("writable"), "{out}");
+    assert!(d.log().contains("told the frontend"), "{}", d.log());
+    d.stop();
+}
