@@ -12,7 +12,9 @@
 //! Both use INTx (`vectors=0`): QEMU 7.2 crashes starting a vhost-user virtio-net with
 //! MSI-X under TCG (see tests/src/qemu.rs), so the baseline is run the same way. The guest
 //! CPU is emulated (TCG) here: compare the two columns, not absolute figures.
-//! Options: `--quick`, `--seconds N`, `--cpus N` (guest vCPUs, default 1).
+//! Each round runs both subjects, in alternating order; the table shows medians.
+//! Options: `--quick` (4 s, one round), `--seconds N`, `--rounds N` (default 3),
+//! `--cpus N` (guest vCPUs, default 1).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -117,6 +119,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let seconds = number("--seconds", if quick { 4 } else { 10 })?;
     let cpus = number("--cpus", 1)?;
+    let rounds = number("--rounds", if quick { 1 } else { 3 })?.max(1);
     if !nix::unistd::geteuid().is_root() {
         return Err("bench net creates network namespaces and taps: run it as root".into());
     }
@@ -135,16 +138,28 @@ pub fn run(args: &[String]) -> Result<()> {
     let extra = spec.archive().map_err(|e| e.to_string())?;
     compose_initrd(&paths::initrd(), &[&extra], &initrd).map_err(|e| e.to_string())?;
 
+    // One emulated guest at a time on this machine, also against concurrent test runs.
+    let _lock = e2e::qemu::lock_guests().map_err(|e| format!("guest lock: {e}"))?;
     let mut results = Vec::new();
-    for (n, subject) in [Subject::Ours, Subject::QemuTap].into_iter().enumerate() {
-        crate::util::step(&format!(
-            "bench net: {} ({seconds} s per test)",
-            subject.name()
-        ));
-        let figures = measure(subject, n, &daemon, &initrd, work.path(), seconds, cpus)?;
-        results.push((subject, figures));
+    let mut n = 0;
+    for round in 1..=rounds {
+        // Alternate the order so a drift in machine load does not favour one subject.
+        let order = if round % 2 == 1 {
+            [Subject::Ours, Subject::QemuTap]
+        } else {
+            [Subject::QemuTap, Subject::Ours]
+        };
+        for subject in order {
+            crate::util::step(&format!(
+                "bench net: round {round}/{rounds}: {} ({seconds} s per test)",
+                subject.name()
+            ));
+            let figures = measure(subject, n, &daemon, &initrd, work.path(), seconds, cpus)?;
+            n += 1;
+            results.push((subject, figures));
+        }
     }
-    print_table(&results, seconds, cpus);
+    print_table(&results, seconds, cpus, rounds);
     Ok(())
 }
 
@@ -352,31 +367,42 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-fn print_table(results: &[(Subject, Figures)], seconds: u64, cpus: u64) {
+/// The median of a subject's figure for `name` over the rounds that produced one.
+fn median(results: &[(Subject, Figures)], subject: Subject, name: &str) -> Option<f64> {
+    let mut values: Vec<f64> = results
+        .iter()
+        .filter(|(s, _)| *s == subject)
+        .filter_map(|(_, f)| {
+            f.values
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| *v)
+        })
+        .collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => values.get(mid).copied(),
+        _ => Some((values[mid - 1] + values[mid]) / 2.0),
+    }
+}
+
+fn print_table(results: &[(Subject, Figures)], seconds: u64, cpus: u64, rounds: u64) {
     println!();
-    println!("vhost-device-net vs QEMU built-in virtio-net (tap, vhost=off); guest {cpus} vCPU, TCG, {seconds} s per test");
+    println!(
+        "vhost-device-net vs QEMU built-in virtio-net (tap, vhost=off); guest {cpus} vCPU, TCG, \
+         {seconds} s per test, median of {rounds} round(s)"
+    );
     println!(
         "{:<24} {:>18} {:>18} {:>8}",
         "test", "vhost-device-net", "QEMU tap", "ratio"
     );
-    let ours = results
-        .iter()
-        .find(|(s, _)| *s == Subject::Ours)
-        .map(|(_, f)| f);
-    let peer = results
-        .iter()
-        .find(|(s, _)| *s == Subject::QemuTap)
-        .map(|(_, f)| f);
     for (name, label) in TESTS {
-        let get = |f: Option<&Figures>| {
-            f.and_then(|f| {
-                f.values
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .and_then(|(_, v)| *v)
-            })
-        };
-        let (a, b) = (get(ours), get(peer));
+        let (a, b) = (
+            median(results, Subject::Ours, name),
+            median(results, Subject::QemuTap, name),
+        );
         let unit = if name.starts_with("tcp") {
             "Mbit/s"
         } else {
@@ -390,7 +416,15 @@ fn print_table(results: &[(Subject, Figures)], seconds: u64, cpus: u64) {
         };
         println!("{label:<24} {:>18} {:>18} {ratio:>8}", fmt(a), fmt(b));
     }
-    if let Some(cpu) = ours.and_then(|f| f.daemon_cpu_s) {
-        println!("vhost-device-net CPU time over the whole run: {cpu:.1} s");
-    }
+    let cpu: f64 = results
+        .iter()
+        .filter_map(|(s, f)| {
+            if *s == Subject::Ours {
+                f.daemon_cpu_s
+            } else {
+                None
+            }
+        })
+        .sum();
+    println!("vhost-device-net CPU time, all rounds: {cpu:.1} s");
 }
