@@ -576,6 +576,10 @@ macro_rules! daemon_tests {
                     super::example_config_keys(stringify!($dev), concat!(stringify!($dev), "::example_config_keys"));
                 }
                 #[test]
+                fn syscall_filter() {
+                    super::syscall_filter(stringify!($dev), concat!(stringify!($dev), "::syscall_filter"));
+                }
+                #[test]
                 fn print_capabilities() {
                     super::print_capabilities(stringify!($dev), $qemu_type, concat!(stringify!($dev), "::print_capabilities"));
                 }
@@ -667,4 +671,93 @@ echo wrote=ok
     let on_disk = std::fs::read(&image).expect("image");
     assert_eq!(&on_disk[4096..4112], b"written-by-guest");
     assert!(on_disk[4112..4608].iter().all(|b| *b == 0));
+}
+
+/// Every system call named by a `systemd-analyze syscall-filter` group, groups expanded.
+fn syscall_group(analyze: &Path, group: &str, out: &mut std::collections::BTreeSet<String>) {
+    let listing = Command::new(analyze)
+        .args(["syscall-filter", "--no-pager", group])
+        .output()
+        .expect("systemd-analyze syscall-filter");
+    for line in String::from_utf8_lossy(&listing.stdout).lines().skip(1) {
+        let name = line.trim();
+        if name.is_empty() || name.starts_with('#') {
+            continue;
+        }
+        if name.starts_with('@') {
+            syscall_group(analyze, name, out);
+        } else {
+            out.insert(name.to_string());
+        }
+    }
+}
+
+/// The units' `SystemCallFilter=@system-service ~@privileged` allows every system call the
+/// daemon makes from exec to exit (with a frontend connected), traced with strace: a call
+/// outside the filter would fail with EPERM under systemd.
+fn syscall_filter(dev: &'static str, test: &str) {
+    let (Some(analyze), Some(strace)) = (which("systemd-analyze"), which("strace")) else {
+        skip(test, "systemd-analyze or strace is not installed");
+        return;
+    };
+    let Some(d) = Daemon::new(dev, test) else {
+        return;
+    };
+    let mut allowed = std::collections::BTreeSet::new();
+    syscall_group(&analyze, "@system-service", &mut allowed);
+    let mut privileged = std::collections::BTreeSet::new();
+    syscall_group(&analyze, "@privileged", &mut privileged);
+    assert!(allowed.contains("io_uring_setup") && allowed.contains("epoll_wait"));
+    allowed.retain(|s| !privileged.contains(s));
+
+    let socket = d.path("vhost-user.sock");
+    let trace = d.path("strace.log");
+    let mut notify = Notify::bind(d.dir.path());
+    let mut args = vec![
+        "-f".to_string(),
+        "-qq".to_string(),
+        "-o".to_string(),
+        trace.display().to_string(),
+        d.bin.display().to_string(),
+        format!("--socket-path={}", socket.display()),
+    ];
+    args.extend(d.flags());
+    let mut cmd = d.command(&strace, &args);
+    cmd.env("NOTIFY_SOCKET", &notify.path);
+    let mut tracer = ChildGuard::spawn(test, cmd).expect("spawn strace");
+    notify.wait_for("READY=1", &mut tracer);
+    d.check_frontend(&socket, Duration::ZERO);
+    // The daemon is strace's child: stop it by its PID, then strace ends with it.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", tracer.pid()))
+        .expect("strace's children");
+    let daemon_pid: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the traced daemon");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM the daemon");
+    let status = tracer.wait_timeout(T).expect("exit within 10 s");
+    assert!(status.success(), "clean exit under strace: {status}");
+    assert!(notify.received("STOPPING=1"));
+
+    let log = std::fs::read_to_string(&trace).expect("trace");
+    let used: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter_map(|l| {
+            let call = l.split_once(' ')?.1.trim_start();
+            let name = call.split_once('(')?.0;
+            (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                .then_some(name)
+        })
+        .collect();
+    assert!(used.contains("execve") && used.len() > 20, "{used:?}");
+    let refused: Vec<&&str> = used.iter().filter(|s| !allowed.contains(**s)).collect();
+    assert!(
+        refused.is_empty(),
+        "vhost-device-{dev} calls {refused:?}, outside @system-service minus @privileged"
+    );
 }
