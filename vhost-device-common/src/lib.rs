@@ -21,6 +21,7 @@ pub mod config;
 pub mod exit;
 pub mod listener;
 pub mod logging;
+pub mod memory;
 pub mod queue;
 pub mod serve;
 pub mod signals;
