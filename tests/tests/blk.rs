@@ -654,6 +654,28 @@ fn hostile_frontend_messages_are_refused() {
         "ring addresses outside memory refused"
     );
     drop(fe);
+    // A memory region longer than the file behind it (touching it past the end would
+    // raise SIGBUS in the daemon) is refused, and the daemon lives on.
+    let mut fe = Frontend::connect_without_queues(&d.sock, &opts).expect("handshake");
+    let small = e2e::frontend::Memory::new(1 << 20).expect("memory");
+    let mut regions = small.regions().expect("regions");
+    regions[0].memory_size = 64 << 20;
+    assert!(
+        fe.vhost().set_mem_table(&regions).is_err(),
+        "region past EOF refused"
+    );
+    let far = vhost::VringConfigData {
+        desc_table_addr: regions[0].userspace_addr + (32 << 20),
+        used_ring_addr: regions[0].userspace_addr + (33 << 20),
+        avail_ring_addr: regions[0].userspace_addr + (34 << 20),
+        ..bad
+    };
+    let _ = fe.vhost().set_vring_num(0, 64);
+    assert!(
+        fe.vhost().set_vring_addr(0, &far).is_err(),
+        "no memory to put rings in"
+    );
+    drop(fe);
     // The daemon serves the next frontend normally.
     let mut b = d.connect(Options::default().queue_size(64));
     assert_eq!(b.write(0, &[4; 512]), S_OK);

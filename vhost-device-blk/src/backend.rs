@@ -475,6 +475,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> std::io::Result<()> {
+        // A region past the end of its file would kill the daemon with SIGBUS.
+        vhost_device_common::memory::refuse_unbacked(&mem)?;
         for i in 0..self.inner.workers.len() {
             if let Some(mut w) = self.worker(i) {
                 w.mem = Some(mem.clone());
