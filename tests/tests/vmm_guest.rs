@@ -1,0 +1,202 @@
+//! The stock Debian kernel under `vmm-frontend` with real KVM (nested in a QEMU TCG guest
+//! where the host's KVM cannot run it, see `e2e::nested`): it boots to the initramfs with
+//! one and two vCPUs, finds its virtio-pci devices, and the daemons serve them.
+//!
+//! Each test boots one guest; the harness serialises guest runs across processes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use e2e::{Device, GuestSpec};
+
+fn base(name: &str) -> String {
+    format!("/tmp/e2e-vmm-{name}-{}", std::process::id())
+}
+
+fn boots_with(cpus: u8) {
+    let test = format!("vmm_guest::boots_to_the_initramfs_with_{cpus}_vcpus");
+    let Some(vmm) = e2e::vmm_or_skip(&test) else {
+        return;
+    };
+    let run = GuestSpec::new(
+        "nproc; grep -c ^processor /proc/cpuinfo; cat /proc/cmdline; \
+         ls -1 /sys/firmware/acpi/tables; cat /sys/bus/pci/devices/0000:00:00.0/class",
+    )
+    .cpus(cpus)
+    .timeout(Duration::from_secs(60))
+    .run(&vmm)
+    .expect("guest run");
+    e2e::guest::say(&format!("{test}: {} in {:?}", run.launcher, run.duration));
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    let lines: Vec<&str> = run.output.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(cpus.to_string().as_str()),
+        "{}",
+        run.output
+    );
+    assert_eq!(
+        lines.get(1).copied(),
+        Some(cpus.to_string().as_str()),
+        "{}",
+        run.output
+    );
+    assert!(
+        lines.get(2).is_some_and(|l| l.contains("console=ttyS0")),
+        "{}",
+        run.output
+    );
+    for table in ["APIC", "DSDT", "FACP"] {
+        assert!(
+            run.output.lines().any(|l| l == table),
+            "no {table}: {}",
+            run.output
+        );
+    }
+    assert!(
+        run.output.contains("0x060000"),
+        "no host bridge: {}",
+        run.output
+    );
+}
+
+#[test]
+fn boots_to_the_initramfs_with_1_vcpu() {
+    boots_with(1);
+}
+
+#[test]
+fn boots_to_the_initramfs_with_2_vcpus() {
+    boots_with(2);
+}
+
+/// Two queues of vhost-device-blk: the guest writes a pattern through its own driver from
+/// two CPUs, reads it back, and the host sees the same bytes in the image.
+#[test]
+fn blk_daemon_serves_the_guest() {
+    let test = "vmm_guest::blk_daemon_serves_the_guest";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("blk");
+    let sock = PathBuf::from(format!("{b}.sock"));
+    let image = format!("{b}.img");
+    let guest = r#"
+cat /sys/block/vda/size
+ls /sys/block/vda/mq | wc -l
+dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=64k seek=1 conv=fsync 2>/dev/null || exit 2
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda of=/tmp/back bs=64k skip=1 count=16 iflag=direct 2>/dev/null || exit 3
+cmp /tmp/pattern /tmp/back && echo "READBACK ok"
+echo "GUEST-SUM $(md5sum < /tmp/pattern | cut -d' ' -f1)"
+"#;
+    let run = GuestSpec::new(guest)
+        .device(Device::blk(&sock).queues(2).daemon(
+            "vhost-device-blk",
+            &["--socket-path", "{socket}", "--image", &image, "--num-queues", "2"],
+        ))
+        .cpus(2)
+        .host_setup(&format!("truncate -s 32M {image}"))
+        .host_check(&format!(
+            "echo \"HOST-SUM $(dd if={image} bs=64k skip=1 count=16 2>/dev/null | md5sum | cut -d' ' -f1)\"; rm -f {image}"
+        ))
+        .timeout(Duration::from_secs(120))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!("{test}: {} in {:?}", run.launcher, run.duration));
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    let lines: Vec<&str> = run.output.lines().collect();
+    assert_eq!(lines.first().copied(), Some("65536"), "{}", run.output);
+    assert_eq!(
+        lines.get(1).copied(),
+        Some("2"),
+        "two queues: {}",
+        run.output
+    );
+    assert!(run.output.contains("READBACK ok"), "{}", run.output);
+    let guest_sum = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("GUEST-SUM "))
+        .expect("guest sum");
+    let host_sum = run
+        .host_output
+        .lines()
+        .find_map(|l| l.strip_prefix("HOST-SUM "))
+        .unwrap_or_else(|| panic!("host sum: {}", run.host_output));
+    assert_eq!(
+        guest_sum, host_sum,
+        "bytes on the image differ from the guest's"
+    );
+}
+
+/// vhost-device-vsock: a line from the guest reaches a host program on the hybrid-vsock
+/// Unix socket, and the guest reads the reply.
+#[test]
+fn vsock_daemon_serves_the_guest() {
+    let test = "vmm_guest::vsock_daemon_serves_the_guest";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("vsock");
+    let sock = PathBuf::from(format!("{b}.sock"));
+    let uds = format!("{b}.uds");
+    let guest = "cat /sys/class/vsock/vsock/local_cid 2>/dev/null || true\n\
+                 echo 'hello from the guest' | timeout 60 socat -t 10 - VSOCK-CONNECT:2:5000";
+    let run = GuestSpec::new(guest)
+        .device(Device::vsock(&sock, 3).daemon(
+            "vhost-device-vsock",
+            &["--socket", "{socket}", "--guest-cid", "3", "--uds-path", &uds],
+        ))
+        .host_background(&format!(
+            "rm -f {uds}_5000; socat UNIX-LISTEN:{uds}_5000 SYSTEM:'read l; echo \"host got: $l\" > {b}.got; echo reply-from-host'"
+        ))
+        .host_check(&format!("cat {b}.got; rm -f {b}.got {uds} {uds}_5000"))
+        .timeout(Duration::from_secs(120))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!("{test}: {} in {:?}", run.launcher, run.duration));
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    assert!(run.output.contains("reply-from-host"), "{}", run.console);
+    assert!(
+        run.host_output.contains("host got: hello from the guest"),
+        "{}",
+        run.host_output
+    );
+}
+
+/// vhost-device-console with its default single port: what the guest writes to /dev/hvc0
+/// reaches the host side.
+#[test]
+fn console_daemon_serves_the_guest() {
+    let test = "vmm_guest::console_daemon_serves_the_guest";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("console");
+    let sock = PathBuf::from(format!("{b}.sock"));
+    let port = format!("{b}.port");
+    let backend = format!("unix={port}");
+    let run = GuestSpec::new("echo 'console line from the guest' > /dev/hvc0; sleep 1; ls /dev/hvc0")
+        .device(Device::console(&sock).daemon(
+            "vhost-device-console",
+            &["--socket-path", "{socket}", "--backend", &backend],
+        ))
+        .host_background(&format!(
+            "n=0; while [ ! -S {port}.0 ] && [ ! -S {port} ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; \
+             p={port}.0; [ -S $p ] || p={port}; socat -u UNIX-CONNECT:$p - > {b}.out"
+        ))
+        .host_check(&format!("cat {b}.out; rm -f {b}.out {port} {port}.0"))
+        .timeout(Duration::from_secs(120))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!("{test}: {} in {:?}", run.launcher, run.duration));
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    assert!(
+        run.host_output.contains("console line from the guest"),
+        "{}\n{}",
+        run.host_output,
+        run.console
+    );
+}
