@@ -395,4 +395,37 @@ mod tests {
         .expect_err("nothing built");
         assert!(err.contains("vhost-device-blk"), "{err}");
     }
+    /// The example configurations installed for users parse, with the daemon's own command
+    /// line and validation, into a configuration: what `--config FILE` alone gives the
+    /// daemon once its main parses with `vhost_device_common::config::parse`.
+    #[test]
+    fn example_configurations_make_valid_daemon_configurations() {
+        use vhost_device_common::config::try_parse_from;
+        let example = |dev: &str| {
+            let path = e2e::paths::workspace_root().join(format!("dist/config/{dev}.toml"));
+            vec![
+                format!("vhost-device-{dev}"),
+                "--config".to_string(),
+                path.display().to_string(),
+            ]
+        };
+        let args = try_parse_from::<vhost_device_blk::cli::Args, _, _>(example("blk"))
+            .expect("blk example");
+        let config = vhost_device_blk::config::Config::try_from(args).expect("blk config");
+        assert_eq!(config.num_queues, 2);
+        assert_eq!(
+            config.image,
+            PathBuf::from("/var/lib/vhost-device-blk/vm1.raw")
+        );
+
+        let args = try_parse_from::<vhost_device_vsock::cli::Args, _, _>(example("vsock"))
+            .expect("vsock example");
+        let config = vhost_device_vsock::config::Config::try_from(args).expect("vsock config");
+        assert_eq!(config.vms.len(), 1);
+        assert_eq!(config.vms[0].guest_cid, 3);
+
+        let args = try_parse_from::<vhost_device_console::cli::Args, _, _>(example("console"))
+            .expect("console example");
+        vhost_device_console::Config::try_from(args).expect("console config");
+    }
 }
