@@ -441,14 +441,15 @@ impl Connection {
         Ok(progress)
     }
 
-    /// Whether the guest should hear about freed buffer space now: it believes more than
-    /// half of our buffer is in use and some of that has been forwarded since it last
-    /// heard. A guest out of credit (it believes all is in use) thus always hears as soon
-    /// as anything moves, and a guest with room to spare is not interrupted per packet.
+    /// Whether the guest should hear about freed buffer space now: it believes at least
+    /// three quarters of our buffer are in use and some of that has been forwarded since it
+    /// last heard. A guest out of credit (it believes all is in use) thus always hears as
+    /// soon as anything moves, and a guest with room to spare is not interrupted (an
+    /// emulated guest pays dearly for every interrupt).
     pub fn credit_update_due(&self) -> bool {
         let unreported = (self.fwd_cnt - self.reported_fwd_cnt).0;
         let believed_in_use = (self.rx_cnt - self.reported_fwd_cnt).0;
-        unreported > 0 && believed_in_use > self.buf_alloc / 2
+        unreported > 0 && believed_in_use >= self.buf_alloc - self.buf_alloc / 4
     }
 
     /// The guest shut down `flags`.
@@ -584,7 +585,7 @@ impl Connection {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&self.stream);
             match nix::sys::socket::recv(fd, &mut self.stage, flags) {
                 Ok(0) => {
-                    self.stage.clear();
+                    self.stage = Vec::new();
                     self.stage_off = 0;
                     return self.host_side_ended(Ok(()), true);
                 }
@@ -594,7 +595,7 @@ impl Connection {
                     self.stage_eor = true;
                 }
                 Err(e) => {
-                    self.stage.clear();
+                    self.stage = Vec::new();
                     self.stage_off = 0;
                     return self.host_side_ended(Err(io::Error::from(e)), false);
                 }
@@ -611,12 +612,115 @@ impl Connection {
             if std::mem::take(&mut self.stage_eor) {
                 f |= packet::SEQ_EOR;
             }
-            self.stage.clear();
+            // Give the staging memory back: idle connections hold none.
+            self.stage = Vec::new();
             self.stage_off = 0;
             f
         } else {
             0
         };
         Ok(Some(self.data_header(n, flags)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(buf_alloc: u32) -> (Connection, UnixStream) {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut c = Connection::new(a, Kind::Stream, 3, buf_alloc, State::Established);
+        c.host_port = 5000;
+        c.guest_port = 1000;
+        (c, b)
+    }
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect_line(b"CONNECT 1234"), Some(1234));
+        assert_eq!(parse_connect_line(b"CONNECT 1234\r"), Some(1234));
+        assert_eq!(parse_connect_line(b"CONNECT 4294967295"), Some(u32::MAX));
+        assert_eq!(parse_connect_line(b"CONNECT 4294967296"), None);
+        assert_eq!(parse_connect_line(b"CONNECT"), None);
+        assert_eq!(parse_connect_line(b"connect 1"), None);
+        assert_eq!(parse_connect_line(b"CONNECT -1"), None);
+        assert_eq!(parse_connect_line(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn connect_line_in_pieces_keeps_early_data() {
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut c = Connection::new(a, Kind::Stream, 3, 4096, State::AwaitingConnect(Vec::new()));
+        b.write_all(b"CONN").expect("write");
+        assert_eq!(c.read_connect_line().expect("partial"), None);
+        b.write_all(b"ECT 77\nhi").expect("write");
+        assert_eq!(c.read_connect_line().expect("complete"), Some(77));
+        assert_eq!(c.early, b"hi");
+
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut c = Connection::new(a, Kind::Stream, 3, 4096, State::AwaitingConnect(Vec::new()));
+        b.write_all(&[b'x'; 40]).expect("write");
+        assert!(
+            c.read_connect_line().is_err(),
+            "a line without newline is bounded"
+        );
+    }
+
+    #[test]
+    fn peer_credit_follows_the_guest_headers() {
+        let (mut c, _b) = conn(65536);
+        assert_eq!(
+            c.peer_credit(),
+            0,
+            "no credit before the guest says anything"
+        );
+        let mut h = Header {
+            buf_alloc: 1000,
+            fwd_cnt: 0,
+            ..Header::default()
+        };
+        c.update_peer_credit(&h);
+        assert_eq!(c.peer_credit(), 1000);
+        c.tx_cnt = Wrapping(600);
+        assert_eq!(c.peer_credit(), 400);
+        h.fwd_cnt = 600;
+        c.update_peer_credit(&h);
+        assert_eq!(c.peer_credit(), 1000);
+        // Counters wrap.
+        c.tx_cnt = Wrapping(5);
+        h.fwd_cnt = u32::MAX - 10;
+        c.update_peer_credit(&h);
+        assert_eq!(c.peer_credit(), 1000 - 16);
+        // A guest shrinking its buffer below what is in flight gives zero, not a wrap.
+        h.buf_alloc = 3;
+        c.update_peer_credit(&h);
+        assert_eq!(c.peer_credit(), 0);
+        assert!(!c.wants_read());
+    }
+
+    #[test]
+    fn credit_updates_are_due_only_when_the_guest_runs_low() {
+        let (mut c, _b) = conn(1000);
+        assert!(!c.credit_update_due());
+        c.rx_cnt = Wrapping(700);
+        c.fwd_cnt = Wrapping(700);
+        assert!(
+            !c.credit_update_due(),
+            "the guest still believes 300 bytes are free"
+        );
+        c.rx_cnt = Wrapping(750);
+        c.fwd_cnt = Wrapping(750);
+        assert!(c.credit_update_due());
+        let h = c.header(packet::op::CREDIT_UPDATE, 0, 0);
+        assert_eq!((h.fwd_cnt, h.buf_alloc), (750, 1000));
+        assert!(!c.credit_update_due(), "reported");
+        // Everything in use but nothing forwarded: nothing to report yet.
+        c.rx_cnt = Wrapping(1750);
+        assert!(!c.credit_update_due());
+        c.fwd_cnt = Wrapping(751);
+        assert!(c.credit_update_due());
     }
 }
