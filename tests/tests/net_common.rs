@@ -117,6 +117,11 @@ impl Daemon {
     /// Starts `vhost-device-net --socket-path <tmp>/net.sock ARGS` in `ns` and waits for
     /// the socket.
     pub fn start(ns: &Netns, args: &[&str]) -> Daemon {
+        Self::start_with(ns, args, |_| {})
+    }
+
+    /// Like [`Daemon::start`], with a last change to the command (e.g. an inherited fd).
+    pub fn start_with(ns: &Netns, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("net.sock");
         let log = dir.path().join("daemon.log");
@@ -129,6 +134,7 @@ impl Daemon {
         cmd.env("RUST_LOG", "info");
         cmd.stdout(Stdio::null());
         cmd.stderr(std::fs::File::create(&log).expect("log file"));
+        tweak(&mut cmd);
         let mut guard = ChildGuard::spawn("vhost-device-net", cmd).expect("start daemon");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {

@@ -442,6 +442,7 @@ fn a_busy_tap_is_reported() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("tap vdnbusy is busy"), "{stderr}");
+    assert!(!sock.exists(), "no socket file left behind");
     drop(first);
 }
 
@@ -507,4 +508,85 @@ fn take_all_rx_buffers(drv: &mut Driver) -> Vec<GuestAddress> {
     }
     assert!(drv.rx_bufs.is_empty(), "all RX buffers consumed");
     free
+}
+
+/// Opens tap `name` (creating it) inside `ns`, as a management tool would before handing
+/// the descriptor to the daemon: from a thread that joins the namespace, so the test
+/// process itself stays in its own.
+fn open_tap_in(ns: &Netns, name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{}", ns.name);
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let nsfile = std::fs::File::open(&path).expect("namespace file");
+        // SAFETY: setns only reads the descriptor; CLONE_NEWNET moves this thread alone.
+        let rc = unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open /dev/net/tun");
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        let flags =
+            i16::try_from(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR).expect("flags fit");
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq, which `req` is.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
+        assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from(tun)
+    })
+    .join()
+    .expect("tap thread")
+}
+
+#[test]
+fn an_inherited_tap_descriptor_is_served() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(ns) = netns_or_skip("net_frontend::tap_fd") else {
+        return;
+    };
+    let tap = open_tap_in(&ns, "vdnfd");
+    ns.sh("ip addr add 10.77.0.1/24 dev vdnfd && ip link set vdnfd up")
+        .expect("configure the tap");
+    let raw = tap.as_raw_fd();
+    let d = Daemon::start_with(&ns, &["--tap-fd", "3", "--mac", GUEST_MAC_STR], |cmd| {
+        // SAFETY: runs in the child between fork and exec; dup2 is async-signal-safe and
+        // only duplicates the tap descriptor onto 3 (clearing close-on-exec there).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    drop(tap);
+    let mut drv = connect(&d, 16, 2048);
+    let host_mac = drv.resolve_host();
+    let (echo, _) = drv.ping(host_mac, 5, b"by fd");
+    assert_eq!(echo, b"by fd");
+    assert!(d.log().contains("tap vdnfd"), "{}", d.log());
+
+    // A descriptor that is not a tap is refused with one line.
+    let file = std::fs::File::open("/dev/null").expect("/dev/null");
+    let raw = file.as_raw_fd();
+    let mut cmd = std::process::Command::new(e2e::bin_path("vhost-device-net"));
+    cmd.args(["--socket-path", "/nonexistent/x.sock", "--tap-fd", "3"]);
+    // SAFETY: as above, dup2 between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not a tap device"), "{stderr}");
 }

@@ -69,8 +69,10 @@ fn run(args: Args) -> Result<(), Error> {
         ip: args.ip,
     })
     .map_err(|e| Error::usage(e.to_string()))?;
-    let listener = SocketListener::open(&args.common)?;
+    // The tap first: a tap error leaves no socket file behind, and a socket error closes
+    // the tap again (a tap the daemon created disappears with it).
     let device = NetDevice::new(config).map_err(|e| Error::device("cannot set up the tap", e))?;
+    let listener = SocketListener::open(&args.common)?;
     serve(Arc::new(device), listener)?;
     Ok(())
 }
