@@ -113,6 +113,58 @@ struct Inner {
     multiport: bool,
     num_queues: usize,
     conn: Mutex<Connection>,
+    notifier: Arc<ConfigNotifier>,
+}
+
+/// Sends config-change notifications off the worker thread. With `REPLY_ACK` the sender
+/// waits for the frontend's answer, and a frontend that never answers (Cloud Hypervisor did
+/// not, before its fix) must not stall the queues; so one helper thread at a time sends, and
+/// changes that come in meanwhile are folded into one more notification.
+#[derive(Debug, Default)]
+struct ConfigNotifier {
+    /// (a thread is sending, another change came in since it started)
+    state: Mutex<(bool, bool)>,
+}
+
+impl ConfigNotifier {
+    fn notify(self: &Arc<Self>, channel: Backend) {
+        {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if state.0 {
+                state.1 = true;
+                return;
+            }
+            *state = (true, false);
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("console-config".into())
+            .spawn(move || loop {
+                if let Err(e) = channel.handle_config_change() {
+                    warn!("the frontend refused a config-change notification: {e}");
+                }
+                let mut state = me
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if state.1 {
+                    state.1 = false;
+                } else {
+                    state.0 = false;
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a thread for a config-change notification: {e}");
+            *self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = (false, false);
+        }
+    }
 }
 
 /// The console backend of one frontend connection; cheap to clone.
@@ -133,6 +185,7 @@ impl ConsoleBackend {
                 num_queues: virtio::num_queues(count),
                 ports,
                 conn: Mutex::new(conn),
+                notifier: Arc::default(),
             }),
         }
     }
@@ -212,10 +265,7 @@ impl ConsoleBackend {
             conn.backend_req.clone()
         };
         let Some(channel) = channel else { return };
-        if let Err(e) = channel.handle_config_change() {
-            self.conn()
-                .fault("frontend refused a config-change notification", &e);
-        }
+        self.inner.notifier.notify(channel);
     }
 
     /// Reads the driver's control messages.

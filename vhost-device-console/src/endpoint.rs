@@ -314,7 +314,13 @@ fn accept(listener: &OwnedFd) -> Option<OwnedFd> {
                 return Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
             }
             Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
-            Err(_) => return None,
+            Err(Errno::EAGAIN) => return None,
+            Err(e) => {
+                // Out of descriptors or memory: the listener stays readable, so do not spin.
+                warn!("cannot accept a client: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                return None;
+            }
         }
     }
 }
