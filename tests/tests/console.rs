@@ -815,11 +815,36 @@ fn a_frontend_that_reconnects_finds_the_client_still_attached() {
     drv.recv_until(0, b"typed between VMs\n");
     drv.send(1, b"second boot\n");
     read_until(&mut c, b"second boot\n");
+    drop(drv);
+
+    // Many more VMs come and go: nothing accumulates in the daemon.
+    let pid = d.child.pid();
+    let settled = |n: usize| {
+        let deadline = Instant::now() + TIMEOUT;
+        while d.count_log("frontend disconnected") < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The connection's worker threads are joined right after that line.
+        std::thread::sleep(Duration::from_millis(200));
+        (fd_list(pid), thread_count(pid))
+    };
+    let before = settled(2);
+    for i in 0..20 {
+        let mut drv = Driver::connect(&d.sock, 2);
+        let line = format!("boot {i}\n");
+        drv.send(1, line.as_bytes());
+        read_until(&mut c, line.as_bytes());
+    }
+    let after = settled(22);
+    assert_eq!(
+        after, before,
+        "descriptors and threads after 20 more frontends"
+    );
     assert_eq!(d.count_log("client disconnected"), 0);
 }
 
 #[test]
-fn emergency_writes_and_the_log_file_get_every_byte() {
+fn emergency_writes_and_the_log_file_get_every_byte_across_rotation() {
     let d = Daemon::start(|dir| {
         vec![
             "--backend".into(),
@@ -834,16 +859,58 @@ fn emergency_writes_and_the_log_file_get_every_byte() {
     drv.send(1, b"logged line\n");
     let mut c = unix_client(&d.path("c.sock"));
     read_until(&mut c, b"!logged line\n");
+    wait_file(&d.path("guest.log"), b"!logged line\n");
+
+    // Log rotation: the file is moved away, SIGHUP reopens the path.
+    std::fs::rename(d.path("guest.log"), d.path("guest.log.1")).unwrap();
+    d.child.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.wait_log("log file");
+    drv.send(1, b"after rotation\n");
+    read_until(&mut c, b"after rotation\n");
+    wait_file(&d.path("guest.log"), b"after rotation\n");
+    assert_eq!(
+        std::fs::read(d.path("guest.log.1")).unwrap(),
+        b"!logged line\n"
+    );
+}
+
+/// The open descriptors of process `pid`, as `N -> target` lines.
+fn fd_list(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.display()
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// Waits until the file at `path` holds exactly `want`.
+fn wait_file(path: &Path, want: &[u8]) {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let log = std::fs::read(d.path("guest.log")).unwrap_or_default();
-        if log == b"!logged line\n" {
-            break;
+        let got = std::fs::read(path).unwrap_or_default();
+        if got == want {
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "log file holds {:?}",
-            String::from_utf8_lossy(&log)
+            "{} holds {:?}",
+            path.display(),
+            String::from_utf8_lossy(&got)
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -2,7 +2,6 @@
 //! threads live as long as the daemon, and every frontend connection gets a fresh
 //! [`ConsoleBackend`] over the same ports.
 
-use std::fs::OpenOptions;
 use std::sync::Arc;
 
 use log::info;
@@ -41,6 +40,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct ConsoleDevice {
     ports: Vec<Arc<Port>>,
+    log: Option<Arc<LogFile>>,
 }
 
 impl ConsoleDevice {
@@ -48,17 +48,12 @@ impl ConsoleDevice {
     /// starts their threads. Each port's "where to connect" line is logged.
     pub fn start(config: &Config) -> Result<Self, Error> {
         let log = match &config.log_file {
-            Some(path) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| Error::LogFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Some(Arc::new(LogFile::new(file)))
-            }
+            Some(path) => Some(Arc::new(LogFile::open(path).map_err(|source| {
+                Error::LogFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?)),
             None => None,
         };
         let mut ports = Vec::with_capacity(config.ports.len());
@@ -73,7 +68,7 @@ impl ConsoleDevice {
             .map_err(Error::EventFd)?;
             ports.push(Arc::new(port));
         }
-        let device = ConsoleDevice { ports };
+        let device = ConsoleDevice { ports, log };
         for port in &device.ports {
             let line = endpoint::start(port.clone())?;
             info!("{line}");
@@ -114,6 +109,13 @@ impl Device for ConsoleDevice {
             )?;
         }
         Ok(())
+    }
+
+    /// `SIGHUP`: reopen the log file (log rotation).
+    fn reload(&self) {
+        if let Some(log) = &self.log {
+            log.reopen();
+        }
     }
 
     fn shutdown(&self) {

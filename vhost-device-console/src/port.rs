@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -65,16 +66,37 @@ pub struct Port {
 /// The `--log-file`, shared by all ports.
 #[derive(Debug)]
 pub struct LogFile {
+    path: PathBuf,
     file: Mutex<File>,
     failed: AtomicBool,
 }
 
 impl LogFile {
-    /// Wraps an open (append mode) file.
-    pub fn new(file: File) -> Self {
-        LogFile {
-            file: Mutex::new(file),
+    /// Opens `path` for appending, creating it if needed.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(LogFile {
+            path: path.to_owned(),
+            file: Mutex::new(Self::open_file(path)?),
             failed: AtomicBool::new(false),
+        })
+    }
+
+    fn open_file(path: &Path) -> std::io::Result<File> {
+        File::options().create(true).append(true).open(path)
+    }
+
+    /// Opens the path again (`SIGHUP`, after logrotate moved the file away); on failure
+    /// the old file stays in use.
+    pub fn reopen(&self) {
+        match Self::open_file(&self.path) {
+            Ok(new) => {
+                if let Ok(mut f) = self.file.lock() {
+                    *f = new;
+                }
+                self.failed.store(false, Ordering::Relaxed);
+                log::info!("log file {} reopened", self.path.display());
+            }
+            Err(e) => log::error!("cannot reopen log file {}: {e}", self.path.display()),
         }
     }
 
