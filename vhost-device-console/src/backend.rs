@@ -944,6 +944,86 @@ mod tests {
         assert_eq!(b.backend.get_config(0, 4), vec![80, 0, 25, 0]);
     }
 
+    /// Deterministic pseudo-random numbers (xorshift64).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn random_descriptor_tables_never_panic_and_every_queue_keeps_serving() {
+        let features = VERSION_1 | (1 << virtio::VIRTIO_CONSOLE_F_MULTIPORT);
+        let mut b = Bench::new(2, features);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..2000u32 {
+            let q = rng.below(b.vrings.len() as u64) as usize;
+            // A whole random descriptor table: addresses anywhere (rings, data, past the end
+            // of memory, overflowing), any length, any flags (indirect too), any next.
+            let (desc, avail, _) = b.rings[q];
+            for i in 0..u64::from(QSIZE) {
+                let addr = match rng.below(4) {
+                    0 => DATA + rng.below(0x10_0000),
+                    1 => rng.below(0x40_0000 + 0x1000),
+                    2 => u64::MAX - rng.below(0x1000),
+                    _ => rng.below(0x8000),
+                };
+                let at = GuestAddress(desc + 16 * i);
+                b.mem.write_obj(addr, at).unwrap();
+                b.mem
+                    .write_obj(rng.next() as u32 >> rng.below(32), at.unchecked_add(8))
+                    .unwrap();
+                b.mem
+                    .write_obj(rng.below(8) as u16, at.unchecked_add(12))
+                    .unwrap();
+                b.mem
+                    .write_obj(rng.below(u64::from(QSIZE) + 2) as u16, at.unchecked_add(14))
+                    .unwrap();
+            }
+            // Publish a few heads (sometimes bogus ones) and kick.
+            let idx: u16 = b.mem.read_obj(GuestAddress(avail + 2)).unwrap();
+            let n = rng.below(4) as u16;
+            for k in 0..n {
+                let slot = GuestAddress(avail + 4 + 2 * u64::from((idx + k) % QSIZE));
+                b.mem
+                    .write_obj(rng.below(u64::from(QSIZE) + 4) as u16, slot)
+                    .unwrap();
+            }
+            b.mem
+                .write_obj(idx.wrapping_add(n), GuestAddress(avail + 2))
+                .unwrap();
+            if rng.below(3) == 0 {
+                b.port(rng.below(2) as usize)
+                    .push_input(b"input while fuzzing");
+            }
+            b.kick(q);
+            b.backend
+                .handle_event(
+                    b.backend.wake_event_id(1) as u16,
+                    EventSet::IN,
+                    &b.vrings,
+                    0,
+                )
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        // The device completed chains all along, bad ones included.
+        let completed: usize = (0..b.vrings.len()).map(|q| b.used(q).len()).sum();
+        assert!(completed > 500, "only {completed} chains completed");
+        // Guest output went to the history ring only (bounded by its capacity).
+        for port in b.backend.ports() {
+            assert!(port.lock().history.len() <= 1024);
+        }
+    }
+
     #[test]
     fn offers_multiport_only_with_several_ports() {
         let one = Bench::new(1, VERSION_1);
