@@ -963,7 +963,7 @@ mod tests {
     #[test]
     fn random_descriptor_tables_never_panic_and_every_queue_keeps_serving() {
         let features = VERSION_1 | (1 << virtio::VIRTIO_CONSOLE_F_MULTIPORT);
-        let mut b = Bench::new(2, features);
+        let b = Bench::new(2, features);
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for round in 0..2000u32 {
             let q = rng.below(b.vrings.len() as u64) as usize;
