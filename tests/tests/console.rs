@@ -131,8 +131,11 @@ struct Driver {
 
 impl Driver {
     fn connect(sock: &Path, queues: usize) -> Driver {
-        let fe =
-            Frontend::connect(sock, Options::default().queues(queues)).expect("frontend set-up");
+        Self::connect_with(sock, Options::default().queues(queues))
+    }
+
+    fn connect_with(sock: &Path, options: Options) -> Driver {
+        let fe = Frontend::connect(sock, options).expect("frontend set-up");
         Driver {
             fe,
             rx: HashMap::new(),
@@ -942,4 +945,65 @@ fn a_user_mistake_is_one_line_and_exit_status_1() {
         assert!(err.contains(expect), "{line:?}: {err}");
         assert!(!sock.exists(), "{line:?}: no socket file left behind");
     }
+}
+
+#[test]
+fn indirect_chains_and_a_driver_without_event_idx() {
+    const EVENT_IDX: u64 = 1 << 29;
+    let d = Daemon::start(|dir| {
+        vec![
+            "--backend".into(),
+            format!("unix={}", dir.join("c.sock").display()),
+        ]
+    });
+    let mut drv = Driver::connect_with(&d.sock, Options::default().queues(2).features(!EVENT_IDX));
+    assert_eq!(drv.fe.features() & EVENT_IDX, 0, "EVENT_IDX not acked");
+    let mut c = unix_client(&d.path("c.sock"));
+    d.wait_log("client connected");
+
+    // Guest output in an indirect table of three readable buffers.
+    let parts: Vec<_> = [&b"indirect "[..], b"chains ", b"work\n"]
+        .iter()
+        .map(|p| Buf::readable(drv.fe.memory().alloc_with(p), p.len() as u32))
+        .collect();
+    let head = drv.fe.queue(1).add_indirect(&parts).unwrap();
+    drv.fe.queue(1).publish(head);
+    drv.fe.queue(1).kick().unwrap();
+    drv.fe
+        .queue(1)
+        .wait_used(TIMEOUT)
+        .expect("indirect chain used");
+    read_until(&mut c, b"indirect chains work\n");
+
+    // Host input into an indirect table of two small writable buffers.
+    let a = drv.fe.memory().alloc(4);
+    let b = drv.fe.memory().alloc(4);
+    let head = drv
+        .fe
+        .queue(0)
+        .add_indirect(&[Buf::writable(a, 4), Buf::writable(b, 4)])
+        .unwrap();
+    drv.fe.queue(0).publish(head);
+    drv.fe.queue(0).kick().unwrap();
+    c.write_all(b"12345678").unwrap();
+    let used = drv
+        .fe
+        .queue(0)
+        .wait_used(TIMEOUT)
+        .expect("indirect receive");
+    assert_eq!(used.len, 8);
+    assert_eq!(drv.fe.memory().read(a, 4), b"1234");
+    assert_eq!(drv.fe.memory().read(b, 4), b"5678");
+
+    // And plain chains, many of them, without EVENT_IDX.
+    drv.post_rx(0, 8);
+    let lines: Vec<String> = (0..50).map(|i| format!("line {i}\n")).collect();
+    for l in &lines {
+        c.write_all(l.as_bytes()).unwrap();
+    }
+    drv.recv_until(0, b"line 49\n");
+    for l in &lines {
+        drv.send(1, l.as_bytes());
+    }
+    read_until(&mut c, b"line 49\n");
 }
