@@ -222,6 +222,7 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
         .reason()
         .unwrap_or(ExitReason::Error("no exit reason".into()));
     drop(vm);
+    log_memory_use();
     Ok(reason)
 }
 
@@ -269,4 +270,25 @@ fn wait_for_exit(exit: &ExitSignal, watched: &mut Vec<Watched>) {
         }
         let _ = exit.event().read();
     }
+}
+
+/// Logs the VMM's own peak and current memory use: `VmHWM` counts the guest pages the VMM
+/// mapped too, `RssAnon` is the VMM's overhead proper (guest RAM is shared memfd memory).
+fn log_memory_use() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?", str::trim)
+            .to_string()
+    };
+    log::info!(
+        "memory: peak resident {}, anonymous {}, guest (shared) {}",
+        field("VmHWM:"),
+        field("RssAnon:"),
+        field("RssShmem:")
+    );
 }
