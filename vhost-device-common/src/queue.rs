@@ -16,7 +16,12 @@ pub type Chain = DescriptorChain<Memory>;
 /// Pops every available chain and hands it to `handle`, looping with notifications
 /// re-enabled under EVENT_IDX until the ring stays empty. `handle` runs without the vring
 /// lock held, so it may call `add_used` itself. Returns how many chains were handled.
-pub fn drain<V, F>(vring: &V, mem: &Memory, event_idx: bool, mut handle: F) -> Result<usize, virtio_queue::Error>
+pub fn drain<V, F>(
+    vring: &V,
+    mem: &Memory,
+    event_idx: bool,
+    mut handle: F,
+) -> Result<usize, virtio_queue::Error>
 where
     V: VringT<crate::GuestMemoryAtomic>,
     F: FnMut(Chain),
@@ -27,7 +32,10 @@ where
             vring.disable_notification()?;
         }
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             match chain {
                 Some(chain) => {
                     count += 1;
@@ -36,7 +44,9 @@ where
                 None => break,
             }
         }
-        if !event_idx || !vring.enable_notification()? {
+        // A queue the frontend stopped (GET_VRING_BASE) pops nothing while its available
+        // index may still be ahead: re-checking it would spin forever.
+        if !event_idx || !vring.get_ref().get_queue().ready() || !vring.enable_notification()? {
             break;
         }
     }
@@ -75,7 +85,9 @@ where
                 return Ok(count);
             }
         }
-        if !event_idx || !vring.enable_notification()? {
+        // A queue the frontend stopped (GET_VRING_BASE) pops nothing while its available
+        // index may still be ahead: re-checking it would spin forever.
+        if !event_idx || !vring.get_ref().get_queue().ready() || !vring.enable_notification()? {
             break;
         }
     }
