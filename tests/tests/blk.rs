@@ -806,3 +806,46 @@ fn no_permission_is_a_clear_error() {
     assert_eq!(code, Some(1));
     assert!(err.contains("permission denied"), "{err}");
 }
+
+#[test]
+fn without_event_idx_or_indirect_descriptors_requests_complete() {
+    let d = Daemon::start(MIB, &[]);
+    let features = !(F_EVENT_IDX | (1 << 28));
+    let mut b = d.connect(Options::default().features(features));
+    assert_eq!(b.fe.features() & (F_EVENT_IDX | (1 << 28)), 0);
+    for i in 0..50u64 {
+        assert_eq!(b.write(i * 8, &pattern(i as u8, 4096)), S_OK);
+    }
+    for i in 0..50u64 {
+        assert_eq!(b.read(i * 8, 4096).data, pattern(i as u8, 4096));
+    }
+}
+
+#[test]
+fn stopping_a_queue_completes_what_it_took() {
+    for engine in ["io-uring", "sync"] {
+        let d = Daemon::start(16 * MIB, &["--engine", engine]);
+        let mut b = d.connect(Options::default());
+        let prepared: Vec<_> = (0..64u64)
+            .map(|i| b.prepare(IN, i * 64, &[], 32 * 1024))
+            .collect();
+        let q = b.fe.queue(0);
+        for p in &prepared {
+            let head = q.add_indirect(&p.bufs).expect("add");
+            q.publish(head);
+        }
+        q.kick().expect("kick");
+        // Stop as soon as the device has started on the batch, with the rest in flight.
+        let deadline = std::time::Instant::now() + T;
+        while q.used_idx() == 0 && std::time::Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        let base = b.fe.stop_queue(0).expect("GET_VRING_BASE");
+        let used = b.fe.queue(0).used_idx();
+        assert_eq!(
+            u32::from(used),
+            base,
+            "{engine}: every request the device took is completed when GET_VRING_BASE returns"
+        );
+    }
+}

@@ -738,6 +738,96 @@ mod tests {
         assert_eq!(flush.check(0, true), Ok(()));
     }
 
+    /// Random chains (addresses in and out of memory, random flags, lengths, headers):
+    /// the parser never panics, and what it accepts only points into guest memory.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // small random numbers, reduced by `%`
+    fn random_chains_never_escape_guest_memory() {
+        let mem = memory();
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let types = [
+            request_type::IN,
+            request_type::OUT,
+            request_type::FLUSH,
+            request_type::GET_ID,
+            request_type::DISCARD,
+            request_type::WRITE_ZEROES,
+            0xdead,
+        ];
+        let (mut accepted, mut rejected) = (0, 0);
+        for _ in 0..5000 {
+            let t = types[(next() % types.len() as u64) as usize];
+            header(&mem, HDR, t, next() % 4096);
+            let seg = {
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&(next() % 8192).to_le_bytes());
+                b[8..12].copy_from_slice(&((next() % 64) as u32).to_le_bytes());
+                b[12..16].copy_from_slice(&((next() % 3) as u32).to_le_bytes());
+                b
+            };
+            mem.write_slice(&seg, GuestAddress(DATA)).expect("segment");
+            let n = 1 + next() % 6;
+            let mut descs: Vec<RawDescriptor> = (0..n)
+                .map(|i| {
+                    let addr = match next() % 5 {
+                        0 => next(),
+                        1 => MEM as u64 - next() % 1024,
+                        2 if i == 0 => HDR,
+                        3 => STATUS,
+                        _ => DATA + next() % 4096,
+                    };
+                    let len = match next() % 4 {
+                        0 => (next() % 600) as u32,
+                        1 => 16,
+                        2 => 512 * (1 + (next() % 8) as u32),
+                        _ => 1,
+                    };
+                    desc(addr, len, if next() % 2 == 0 { R } else { W })
+                })
+                .collect();
+            // Half the chains get a plausible header and status around random data.
+            if next() % 2 == 0 {
+                descs.insert(0, desc(HDR, 16, R));
+                descs.push(desc(STATUS, 1, W));
+            }
+            match parse_chain(&mem, &descs) {
+                Ok(req) => {
+                    accepted += 1;
+                    assert!(mem.check_range(req.status, 1));
+                    let data = match &req.kind {
+                        Kind::Read { data, .. }
+                        | Kind::Write { data, .. }
+                        | Kind::GetId { data } => data.clone(),
+                        _ => Vec::new(),
+                    };
+                    for s in data {
+                        assert!(
+                            mem.check_range(s.addr, s.len as usize),
+                            "{s:?} escapes memory"
+                        );
+                    }
+                    let _ = req.check(1 << 22, next() % 2 == 0);
+                }
+                Err(r) => {
+                    rejected += 1;
+                    if let Some(at) = r.status {
+                        assert!(mem.check_range(at, 1));
+                    }
+                }
+            }
+        }
+        assert!(
+            accepted > 100 && rejected > 100,
+            "{accepted} accepted, {rejected} rejected"
+        );
+    }
+
     #[test]
     fn split_helpers() {
         let s = |a: u64, l: u32| Segment {
