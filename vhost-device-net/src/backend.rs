@@ -219,8 +219,8 @@ impl NetBackend {
                     worker.pending = 0;
                     delivered = true;
                 }
-                Ok(RxOutcome::NoBuffers) => {
-                    if !event_idx || !self.rearm_rx(vring, mem) {
+                Ok(RxOutcome::NoBuffers { seen }) => {
+                    if !event_idx || !self.rearm_rx(vring, mem, seen) {
                         break;
                     }
                 }
@@ -237,17 +237,16 @@ impl NetBackend {
         }
     }
 
-    /// Out of RX buffers with EVENT_IDX: asks the guest to kick once it adds any buffer
-    /// beyond those it has already made available (`avail_event` = its current index), and
-    /// says whether it already has.
-    fn rearm_rx(&self, vring: &Vring, mem: &queue::Memory) -> bool {
+    /// Out of RX buffers with EVENT_IDX: asks the guest to kick once it adds a buffer
+    /// beyond `seen`, the available index the failed attempt saw (`avail_event` = `seen`),
+    /// then says whether it already has (a buffer added before `avail_event` was written
+    /// would bring no kick). The device's own position stays where the frame must retry.
+    fn rearm_rx(&self, vring: &Vring, mem: &queue::Memory, seen: u16) -> bool {
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
         let start = q.next_avail();
-        let Ok(end) = q.avail_idx(&**mem, Ordering::Acquire) else {
-            return false;
-        };
-        q.set_next_avail(end.0);
+        q.set_next_avail(seen);
+        // Writes avail_event = seen, fences, and compares the driver's index with `seen`.
         let more = q.enable_notification(&**mem).unwrap_or(false);
         q.set_next_avail(start);
         more
@@ -405,5 +404,75 @@ impl VhostUserBackend for NetBackend {
             e => debug!("unexpected event {e} on worker {thread_id}"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    fn backend() -> NetBackend {
+        NetBackend::new(
+            BackendConfig {
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                queue_pairs: 1,
+                queue_size: 16,
+                mtu: None,
+            },
+            Arc::new(Vec::new()),
+        )
+    }
+
+    fn writable(addr: u64) -> RawDescriptor {
+        let flags = u16::try_from(VRING_DESC_F_WRITE).unwrap_or(0);
+        RawDescriptor::from(Descriptor::new(addr, 512, flags, 0))
+    }
+
+    /// Out of RX buffers under EVENT_IDX, the device must ask for a kick on the *next*
+    /// buffer the driver adds (`avail_event` = the driver's current index), even though it
+    /// rewound its own position to retry the chains it could not use yet.
+    #[test]
+    fn rearm_asks_for_a_kick_on_the_next_buffer() {
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)])
+            .unwrap_or_else(|e| panic!("memory: {e}"));
+        let atomic = GuestMemoryAtomic::new(mmap);
+        let mem = atomic.memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        vq.add_desc_chains(&[writable(0x10_0000), writable(0x11_0000)], 0)
+            .unwrap_or_else(|e| panic!("chains: {e:?}"));
+        let vring = Vring::new(atomic.clone(), 16).unwrap_or_else(|e| panic!("vring: {e}"));
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap_or_else(|e| panic!("queue info: {e}"));
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        let b = backend();
+        // Two chains are available but the device could use none (the frame needs more).
+        assert!(
+            !b.rearm_rx(&vring, &mem, 2),
+            "no buffer beyond the two seen"
+        );
+        let avail_event_addr = GuestAddress(vq.used_addr().0 + 4 + 8 * 16);
+        let avail_event: u16 = mem.read_obj(avail_event_addr).unwrap_or(0xffff);
+        assert_eq!(avail_event, 2, "kick when the driver adds the third");
+        assert_eq!(
+            vring.queue_next_avail(),
+            0,
+            "the two chains stay to be retried"
+        );
+
+        // The driver adds one more after the device looked but before it re-armed (so the
+        // driver saw the old avail_event and did not kick): re-arming must report it.
+        vq.add_desc_chains(&[writable(0x12_0000)], 2)
+            .unwrap_or_else(|e| panic!("chain: {e:?}"));
+        assert!(b.rearm_rx(&vring, &mem, 2), "the third buffer is news");
+        assert_eq!(vring.queue_next_avail(), 0);
     }
 }

@@ -25,8 +25,12 @@ pub enum RxOutcome {
         /// How many chains hold it.
         buffers: usize,
     },
-    /// Not enough chains yet: the frame must wait for the guest to add buffers.
-    NoBuffers,
+    /// Not enough chains yet: the frame must wait for the guest to add buffers. `seen` is
+    /// the driver's available index the device saw: a buffer added beyond it is news.
+    NoBuffers {
+        /// The available index when the ring ran dry.
+        seen: u16,
+    },
     /// The frame was dropped.
     Dropped(RxDrop),
 }
@@ -83,8 +87,9 @@ pub fn deliver<M: GuestMemory>(
             return Ok(RxOutcome::Dropped(RxDrop::TooLarge));
         }
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let seen = queue.next_avail();
             queue.set_next_avail(start);
-            return Ok(RxOutcome::NoBuffers);
+            return Ok(RxOutcome::NoBuffers { seen });
         };
         let index = scratch.chains.len();
         scratch.chains.push((chain.head_index(), 0));
@@ -267,7 +272,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().expect("queue");
         let mut f = frame(3000);
         let out = deliver(&mut q, &mem, &mut f, &neg(true), &mut RxScratch::default()).expect("ok");
-        assert_eq!(out, RxOutcome::NoBuffers);
+        assert_eq!(out, RxOutcome::NoBuffers { seen: 1 });
         assert_eq!(q.next_avail(), 0, "chain given back");
         assert_eq!(used_idx(&mem, &vq), 0);
         // The guest refills: the same frame now goes through.
