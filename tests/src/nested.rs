@@ -186,7 +186,7 @@ impl Vmm {
             let netns = d
                 .netns
                 .as_ref()
-                .map(|ns| format!("ip netns exec {} ", shell_quote(ns)))
+                .map(|ns| format!("{} netns exec {} ", ip_path(), shell_quote(ns)))
                 .unwrap_or_default();
             let _ = writeln!(
                 s,
@@ -433,6 +433,12 @@ fn libraries(binary: &Path) -> Vec<PathBuf> {
             p.starts_with('/').then(|| PathBuf::from(p))
         })
         .collect()
+}
+
+/// iproute2's `ip`, by the full path it has on the host and in the guest image (busybox's
+/// shell would run its own `ip` applet, which has no `netns`, for a bare `ip`).
+pub fn ip_path() -> String {
+    which("ip").map_or_else(|| "/usr/sbin/ip".to_string(), |p| p.display().to_string())
 }
 
 /// Quotes `s` for `/bin/sh`.

@@ -4,7 +4,9 @@
 //! from `exit_event` fires. [`crate::serve`] fires them all after each frontend disconnects,
 //! so every connection's workers are joined and nothing leaks from one connection to the next.
 
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// Makes exit events for a backend's `exit_event(thread_index)`.
 #[derive(Debug, Default, Clone, Copy)]

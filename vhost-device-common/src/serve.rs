@@ -179,10 +179,11 @@ where
             Err(e) => return Error::Backend(e.to_string()),
         };
         let memory = GuestMemoryAtomic::new(GuestMemory::new());
-        let mut daemon = match VhostUserDaemon::new(device.name().to_string(), backend.clone(), memory) {
-            Ok(d) => d,
-            Err(e) => return Error::Backend(e.to_string()),
-        };
+        let mut daemon =
+            match VhostUserDaemon::new(device.name().to_string(), backend.clone(), memory) {
+                Ok(d) => d,
+                Err(e) => return Error::Backend(e.to_string()),
+            };
         if let Err(e) = device.attach(&backend, &daemon.get_epoll_handlers()) {
             return Error::Backend(e.to_string());
         }

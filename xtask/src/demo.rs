@@ -57,11 +57,12 @@ pub fn run_demo() -> Result<()> {
 
     let dir = format!("/tmp/vhost-devices-demo.{}", std::process::id());
     let ns = format!("vhd-demo-{}", std::process::id());
+    let ip = e2e::nested::ip_path();
     let spec = GuestSpec::new(GUEST)
         .memory_mib(512)
         .timeout(Duration::from_secs(180))
         .host_setup(&format!(
-            "mkdir -p {dir} && truncate -s 64M {dir}/disk.img && ip netns add {ns}"
+            "mkdir -p {dir} && truncate -s 64M {dir}/disk.img && {ip} netns add {ns}"
         ))
         .device(Device::blk(std::path::Path::new(&format!("{dir}/blk.sock"))).daemon(
             "vhost-device-blk",
@@ -97,7 +98,7 @@ pub fn run_demo() -> Result<()> {
         .host_check(&format!(
             "echo \"virtio console output, as vhost-device-console logged it:\"; cat {dir}/console.log; \
              echo \"disk image on the host: $(du -h {dir}/disk.img | cut -f1) used of 64M\"; \
-             ip netns del {ns}; rm -rf {dir}"
+             {ip} netns del {ns}; rm -rf {dir}"
         ));
     // Has the harness echo the consoles to the terminal as they come (set while this
     // process has no other thread).

@@ -33,20 +33,21 @@ const MODULES: &[&str] = &[
 const KVM_MODULES: &[&str] = &["kvm_amd", "kvm_intel", "tun"];
 
 /// Programs copied from the host with their libraries.
-const PROGRAMS: &[&str] = &["fio", "socat", "iperf3"];
+/// `ip` is iproute2's: busybox's has no `netns`, which nested runs need for the net daemon.
+const PROGRAMS: &[&str] = &["fio", "socat", "iperf3", "ip"];
 
 /// Bump to force a rebuild when the image layout changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 3;
 
 /// The guest's `/init`.
 pub const INIT: &str = r#"#!/bin/sh
 # e2e guest init: marker, mounts, modules, the test command between markers, power off.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 TAG=g
-read -r CMDLINE < /proc/cmdline 2>/dev/null || { /bin/busybox mount -t proc proc /proc; read -r CMDLINE < /proc/cmdline; }
+mount -t proc proc /proc
+read -r CMDLINE < /proc/cmdline
 for w in $CMDLINE; do case "$w" in e2e.tag=*) TAG="${w#e2e.tag=}";; esac; done
 echo "@@E2E-INIT:$TAG@@"
-mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
@@ -277,8 +278,8 @@ pub fn build() -> Result<()> {
     run(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
     let modules_src = root.join("lib/modules").join(&release);
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
-    std::fs::copy(&vmlinuz, e2e::paths::kernel())
-        .map_err(|e| format!("cannot copy {}: {e}", vmlinuz.display()))?;
+    std::fs::rename(&vmlinuz, e2e::paths::kernel())
+        .map_err(|e| format!("cannot move {}: {e}", vmlinuz.display()))?;
     let modules_dir = e2e::paths::modules_dir();
     let _ = std::fs::remove_dir_all(&modules_dir);
     std::fs::rename(&modules_src, &modules_dir).map_err(|e| e.to_string())?;
@@ -312,7 +313,10 @@ pub fn build() -> Result<()> {
     );
     let applets = output(Command::new(&busybox).arg("--list-full"))?;
     for applet in applets.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if applet == "bin/busybox" {
+        // The real programs replace busybox's applets of the same name (its `ip` lacks
+        // `netns`), wherever on PATH the applet would sit.
+        let base = applet.rsplit('/').next().unwrap_or(applet);
+        if applet == "bin/busybox" || PROGRAMS.contains(&base) {
             continue;
         }
         a.dirs_for(applet, &mut made);
@@ -320,8 +324,16 @@ pub fn build() -> Result<()> {
     }
     let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
     for program in &programs {
-        let name = program.file_name().and_then(|n| n.to_str()).unwrap_or("x");
-        files.insert(format!("usr/bin/{name}"), program.clone());
+        // At the host's path: busybox's shell runs its own applets before PATH, so guest
+        // scripts call these by full path, the same on the host and in the guest.
+        files.insert(
+            program
+                .display()
+                .to_string()
+                .trim_start_matches('/')
+                .to_string(),
+            program.clone(),
+        );
         for lib in libraries(program)? {
             files.insert(
                 lib.display()
@@ -358,7 +370,10 @@ pub fn build() -> Result<()> {
     a.file("etc/group", 0o644, b"root:x:0:\n");
     a.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n");
     let gz = a.finish_gz().map_err(|e| e.to_string())?;
-    std::fs::write(e2e::paths::initrd(), &gz).map_err(|e| e.to_string())?;
+    // Written aside and renamed, so a test reading the image never sees half of it.
+    let tmp = dir.join("initrd.gz.tmp");
+    std::fs::write(&tmp, &gz).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, e2e::paths::initrd()).map_err(|e| e.to_string())?;
     std::fs::write(&stamp, format!("{fingerprint}\n")).map_err(|e| e.to_string())?;
     step(&format!(
         "guest image ready: {} ({release}), initramfs {:.1} MB, modules: {}",
