@@ -165,18 +165,31 @@ pub(crate) fn flush(fd: RawFd) -> Result<(), i32> {
     }
 }
 
-/// Runs `op` to completion.
-pub(crate) fn execute(disk: &Disk, op: Op) -> Result<(), i32> {
-    let fd = fd_for(disk, &op);
+/// Runs `op` on `fd` to completion.
+pub(crate) fn run_on(fd: RawFd, op: &mut Op) -> Result<(), i32> {
     match op {
-        Op::Read { offset, mut iov } => read_all(fd, offset, &mut iov),
-        Op::Write {
-            offset,
-            mut iov,
-            dsync,
-        } => write_all(fd, offset, &mut iov, dsync),
+        Op::Read { offset, iov } => read_all(fd, *offset, iov),
+        Op::Write { offset, iov, dsync } => write_all(fd, *offset, iov, *dsync),
         Op::Flush => flush(fd),
-        Op::Fallocate { mode, ranges } => fallocate(fd, mode, &ranges),
+        Op::Fallocate { mode, ranges } => fallocate(fd, *mode, ranges),
+    }
+}
+
+/// Whether an `EINVAL` from `O_DIRECT` I/O should be retried on the buffered descriptor:
+/// the host device may need a larger alignment than the guest's block size.
+pub(crate) fn retry_buffered(disk: &Disk, fd: RawFd, op: &Op, errno: i32) -> bool {
+    errno == libc::EINVAL
+        && disk.direct()
+        && fd != disk.fd(false)
+        && matches!(op, Op::Read { .. } | Op::Write { .. })
+}
+
+/// Runs `op` to completion (on the buffered descriptor if `O_DIRECT` refuses it).
+pub(crate) fn execute(disk: &Disk, mut op: Op) -> Result<(), i32> {
+    let fd = fd_for(disk, &op);
+    match run_on(fd, &mut op) {
+        Err(e) if retry_buffered(disk, fd, &op, e) => run_on(disk.fd(false), &mut op),
+        r => r,
     }
 }
 

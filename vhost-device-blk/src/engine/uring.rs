@@ -206,7 +206,16 @@ impl Uring {
                 Some(slot) => {
                     slot.pending = slot.pending.saturating_sub(1);
                     if res < 0 {
-                        slot.error.get_or_insert(-res);
+                        let fd = fd_for(&self.disk, &slot.job.op);
+                        let result = if sync::retry_buffered(&self.disk, fd, &slot.job.op, -res) {
+                            // O_DIRECT refused the alignment: nothing was transferred.
+                            sync::run_on(self.disk.fd(false), &mut slot.job.op)
+                        } else {
+                            Err(-res)
+                        };
+                        if let Err(e) = result {
+                            slot.error.get_or_insert(e);
+                        }
                     } else if let Op::Read { iov, .. } | Op::Write { iov, .. } = &slot.job.op {
                         // A short transfer (rare: signals, page-cache pressure) is finished
                         // synchronously.
