@@ -1,5 +1,6 @@
 //! Project tasks, after the cargo-xtask convention: `cargo xtask <task>`.
 
+mod bench_console;
 mod demo;
 mod deps;
 mod guest;
@@ -22,6 +23,8 @@ tasks:
   install [--prefix P] [--destdir D] [--no-build]
                    build and install the daemons, man pages, completions, systemd units,
                    QEMU vhost-user descriptors and example configurations
+  bench console    our console daemon against rust-vmm's vhost-device-console on a synthetic
+                   frontend: throughput each way, CPU per MiB, line round trip (--quick)
 ";
 
 fn main() {
@@ -45,6 +48,10 @@ fn main() {
                 .map_or_else(man::target_dir, std::path::PathBuf::from),
         ),
         Some("install") => install::run(&args[1..]),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("console") => bench_console::run(&args[2..]),
+            other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
+        },
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
