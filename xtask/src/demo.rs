@@ -105,7 +105,9 @@ pub fn run_demo() -> Result<()> {
     std::env::set_var("E2E_VERBOSE", "1");
     let result = spec.run(&launcher);
     // The host check removes them on success; make sure on failure too (direct mode).
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    if std::path::Path::new("/run/netns").join(&ns).exists() {
+        let _ = Command::new(&ip).args(["netns", "del", &ns]).status();
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let guest = result.map_err(|e| e.to_string())?;
     eprintln!("\n== on the host\n{}", guest.host_output.trim_end());
