@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, error, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::Backend;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_device_common::queue::{self, Chain};
 use vhost_device_common::{ExitEvents, GuestMemoryAtomic};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -24,7 +24,6 @@ use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::channel::ConfigNotifier;
 use crate::config::Config;
 use crate::disk::Disk;
 use crate::engine::{self, Done, Engine, IoVecs, Job, Op, Tag};
@@ -83,7 +82,7 @@ struct Inner {
     features: u64,
     workers: Vec<Mutex<Worker>>,
     event_idx: AtomicBool,
-    backend_req: Mutex<Option<(Backend, Option<ConfigNotifier>)>>,
+    backend_req: Mutex<Option<Backend>>,
 }
 
 /// The virtio-blk backend of one frontend connection.
@@ -217,29 +216,29 @@ impl BlkBackend {
         }
     }
 
-    /// Tells the frontend the config space changed (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`).
-    /// Returns whether a frontend was told.
+    /// Tells the frontend the config space changed (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`
+    /// on the backend request channel; `vhost` 0.18 needs the workspace's patch for it, see
+    /// `third_party/README.md`). The message is sent from a thread of its own: with
+    /// `REPLY_ACK` the frontend's answer is awaited, and a frontend that never answers
+    /// (Cloud Hypervisor before its PR #8206) must not stall the caller (the signal loop).
+    /// Returns whether a channel was there to send on.
     pub fn notify_config_change(&self) -> bool {
-        let Ok(guard) = self.inner.backend_req.lock() else {
+        let channel = self.inner.backend_req.lock().ok().and_then(|g| g.clone());
+        let Some(channel) = channel else {
+            warn!("the frontend set up no backend request channel: it is not told the disk size changed");
             return false;
         };
-        match guard.as_ref() {
-            Some((_, Some(notifier))) => match notifier.notify() {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!("cannot send the config-change notification: {e}");
-                    false
-                }
-            },
-            Some((_, None)) => {
-                warn!("the backend request channel was not found: the frontend is not told the disk size changed");
-                false
-            }
-            None => {
-                warn!("the frontend set up no backend request channel: it is not told the disk size changed");
-                false
-            }
+        let sent = std::thread::Builder::new()
+            .name("blk-config-change".into())
+            .spawn(move || match channel.handle_config_change() {
+                Ok(_) => debug!("config-change notification acknowledged"),
+                Err(e) => warn!("config-change notification failed: {e}"),
+            });
+        if let Err(e) = sent {
+            warn!("cannot start the config-change notification: {e}");
+            return false;
         }
+        true
     }
 }
 
@@ -486,12 +485,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
-        let notifier = ConfigNotifier::find();
-        if notifier.is_none() {
-            warn!("cannot find the backend request channel among the open descriptors");
-        }
         if let Ok(mut slot) = self.inner.backend_req.lock() {
-            *slot = Some((backend, notifier));
+            *slot = Some(backend);
         }
     }
 

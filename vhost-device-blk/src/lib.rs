@@ -5,12 +5,10 @@
 //! - [`disk`]: the image file or block device.
 //! - [`engine`]: executing requests: io_uring (many in flight) or synchronous.
 //! - [`backend`]: the `VhostUserBackend` wiring queues, parser and engine.
-//! - [`channel`]: config-change notifications to the frontend (disk resize).
 //! - [`device`]: the daemon around it (connections, resize on SIGHUP, clean exit).
 //! - [`config`] and [`cli`]: the configuration and the command line that builds it.
 
 pub mod backend;
-pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod device;
