@@ -177,6 +177,10 @@ impl NetBackend {
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let stats = &self.inner.stats;
         let mut delivered = false;
+        // The available index of the last attempt that ran out of buffers: running out again
+        // at the same index after the driver announced more means its ring is broken (an
+        // available index beyond the queue size), and retrying would spin.
+        let mut last_seen = None;
         loop {
             if worker.pending == 0 {
                 match tap.read(&mut worker.frame) {
@@ -207,6 +211,7 @@ impl NetBackend {
                 Ok(RxOutcome::Delivered { .. }) => {
                     stats.received(pair, len);
                     worker.pending = 0;
+                    last_seen = None;
                     delivered = true;
                 }
                 Ok(RxOutcome::Dropped(cause)) => {
@@ -220,6 +225,14 @@ impl NetBackend {
                     delivered = true;
                 }
                 Ok(RxOutcome::NoBuffers { seen }) => {
+                    if last_seen == Some(seen) {
+                        stats.dropped(
+                            DropCause::RxBadChain,
+                            &format_args!("available index {seen} stuck"),
+                        );
+                        break;
+                    }
+                    last_seen = Some(seen);
                     if !event_idx || !self.rearm_rx(vring, mem, seen) {
                         break;
                     }

@@ -183,7 +183,8 @@ fn build_daemon() -> Result<PathBuf> {
 fn guest_script(seconds: u64) -> String {
     let mut s = format!(
         "ip link set eth0 up\nip addr add {GUEST}/24 dev eth0\n\
-         i=0; until ping -c1 -W1 {HOST} >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i+1)); done\n"
+         i=0; until ping -c1 -W1 {HOST} >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i+1)); done\n\
+         echo BENCH-PING-TRIES=$i\n"
     );
     let runs = [
         ("tcp_tx", ""),
@@ -224,7 +225,11 @@ fn measure(
                 "--mac",
                 MAC,
             ]);
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            let log = std::fs::File::create(work.join(format!("daemon{n}.log")))
+                .map_err(|e| format!("daemon log: {e}"))?;
+            cmd.env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log);
             let mut guard =
                 ChildGuard::spawn("vhost-device-net", cmd).map_err(|e| e.to_string())?;
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -302,7 +307,14 @@ fn measure(
         command_timeout: Duration::from_secs(60 + 8 * seconds),
         echo: std::env::var_os("E2E_VERBOSE").is_some(),
     };
-    let watched = watch_vm(cmd, &watch).map_err(|e| e.to_string())?;
+    let watched = watch_vm(cmd, &watch).map_err(|e| {
+        let log = std::fs::read_to_string(work.join(format!("daemon{n}.log"))).unwrap_or_default();
+        if log.is_empty() {
+            e.to_string()
+        } else {
+            format!("{e}\n--- vhost-device-net log ---\n{log}")
+        }
+    })?;
     let mut figures = Figures::default();
     if subject == Subject::Ours {
         figures.daemon_cpu_s = guards.first().and_then(|g| cpu_seconds(g.pid()));
