@@ -38,11 +38,20 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
             "warnings",
         ])),
     ));
-    step("cargo test");
-    results.push((
-        "cargo test --workspace",
-        run(cargo().args(["test", "--workspace"]).args(extra_test_args)),
-    ));
+    // The end-to-end tests run the daemons' and vmm-frontend's real binaries, which
+    // `cargo test` alone does not build for another package's tests.
+    step("cargo build --workspace --bins");
+    let built = run(cargo().args(["build", "--workspace", "--bins"]));
+    let tested = if built.is_ok() {
+        step("cargo test");
+        run(cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(extra_test_args))
+    } else {
+        Err("not run: the binaries did not build".into())
+    };
+    results.push(("cargo build --workspace --bins", built));
+    results.push(("cargo test --workspace --no-fail-fast", tested));
     let aarch64 = "aarch64-unknown-linux-gnu";
     let installed =
         crate::util::output(Command::new("rustup").args(["target", "list", "--installed"]))
