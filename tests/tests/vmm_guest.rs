@@ -200,3 +200,130 @@ fn console_daemon_serves_the_guest() {
         run.console
     );
 }
+
+/// vhost-device-net on a tap inside a network namespace (made inside the nested guest, or
+/// on a KVM host, never in the root namespace; iproute2's `ip` by full path, as busybox's
+/// shell would run its own applet, which has no `netns`): the guest pings the host end of the tap and
+/// fetches a file over TCP from it.
+#[test]
+fn net_daemon_serves_the_guest() {
+    let test = "vmm_guest::net_daemon_serves_the_guest";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("net");
+    let sock = PathBuf::from(format!("{b}.sock"));
+    let ns = format!("vmmnet{}", std::process::id());
+    let guest = "ip addr add 10.79.0.2/24 dev eth0 && ip link set eth0 up || exit 2\n\
+                 cat /sys/class/net/eth0/address\n\
+                 ping -c 3 -W 5 10.79.0.1 | grep -c 'bytes from'\n\
+                 timeout 60 socat -u TCP:10.79.0.1:7000,retry=20,interval=0.5 - | md5sum | cut -d' ' -f1";
+    let run = GuestSpec::new(guest)
+        .device(
+            Device::net(&sock)
+                .mac("52:54:00:ab:cd:03")
+                .daemon(
+                    "vhost-device-net",
+                    &[
+                        "--socket-path",
+                        "{socket}",
+                        "--tap",
+                        "vmmtap0",
+                        "--ip",
+                        "10.79.0.1/24",
+                        "--mac",
+                        "52:54:00:ab:cd:03",
+                    ],
+                )
+                .in_netns(&ns),
+        )
+        .host_setup(&format!(
+            "/usr/sbin/ip netns add {ns} && /usr/sbin/ip netns exec {ns} /usr/sbin/ip link set lo up && \
+             head -c 1048576 /dev/urandom > {b}.data"
+        ))
+        .host_background(&format!(
+            "/usr/sbin/ip netns exec {ns} socat -u TCP-LISTEN:7000,reuseaddr FILE:{b}.data"
+        ))
+        .host_check(&format!(
+            "echo \"HOST-SUM $(md5sum < {b}.data | cut -d' ' -f1)\"; rm -f {b}.data; /usr/sbin/ip netns del {ns}"
+        ))
+        .timeout(Duration::from_secs(150))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!("{test}: {} in {:?}", run.launcher, run.duration));
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    let lines: Vec<&str> = run.output.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some("52:54:00:ab:cd:03"),
+        "{}",
+        run.console
+    );
+    assert_eq!(lines.get(1).copied(), Some("3"), "pings: {}", run.console);
+    let host_sum = run
+        .host_output
+        .lines()
+        .find_map(|l| l.strip_prefix("HOST-SUM "))
+        .unwrap_or_else(|| panic!("host sum: {}", run.host_output));
+    assert_eq!(lines.get(2).copied(), Some(host_sum), "{}", run.console);
+}
+
+/// A daemon killed while the guest runs: the VMM reports it and keeps the VM running, and
+/// the guest's other disk still works (Firecracker's `test_vhost_user_block_disconnect`).
+#[test]
+fn a_dead_daemon_is_reported_and_the_vm_goes_on() {
+    let test = "vmm_guest::a_dead_daemon_is_reported_and_the_vm_goes_on";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("death");
+    let (sock_a, sock_b) = (format!("{b}-a.sock"), format!("{b}-b.sock"));
+    let (img_a, img_b) = (format!("{b}-a.img"), format!("{b}-b.img"));
+    let guest = r#"
+echo FIRST-DISK-WRITTEN | dd of=/dev/vda conv=fsync 2>/dev/null || exit 2
+i=0; while [ ! -e /tmp/never ] && [ $i -lt 15 ]; do sleep 1; i=$((i+1)); done
+echo SECOND-DISK-OK | dd of=/dev/vdb conv=fsync 2>/dev/null || exit 3
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vdb bs=14 count=1 iflag=direct 2>/dev/null; echo
+echo GUEST-STILL-RUNNING
+"#;
+    // Kill the first disk's daemon (found by its socket path) once the guest wrote to it.
+    let killer = format!(
+        "i=0; until grep -q FIRST-DISK-WRITTEN {img_a} 2>/dev/null || [ $i -ge 600 ]; do sleep 0.2; i=$((i+1)); done; \
+         for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- '--image {img_a}' && kill -9 ${{p#/proc/}} && echo killed > {b}.killed; done"
+    );
+    let daemon = |sock: &str, img: &str| {
+        Device::blk(&PathBuf::from(sock)).daemon(
+            "vhost-device-blk",
+            &["--socket-path", "{socket}", "--image", img],
+        )
+    };
+    let run = GuestSpec::new(guest)
+        .device(daemon(&sock_a, &img_a))
+        .device(daemon(&sock_b, &img_b))
+        .host_setup(&format!("truncate -s 8M {img_a} {img_b}"))
+        .host_background(&killer)
+        .host_check(&format!("cat {b}.killed; rm -f {b}.killed {img_a} {img_b}"))
+        .timeout(Duration::from_secs(150))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!("{test}: {} in {:?}", run.launcher, run.duration));
+    assert!(
+        run.host_output.contains("killed"),
+        "daemon not killed: {}",
+        run.host_output
+    );
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    assert!(run.output.contains("SECOND-DISK-OK"), "{}", run.console);
+    assert!(
+        run.output.contains("GUEST-STILL-RUNNING"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.console
+            .contains("disconnected; the VM keeps running without it"),
+        "the VMM did not report the dead daemon:\n{}",
+        run.console
+    );
+}
