@@ -103,90 +103,110 @@ fn queue_ready(vring: &VringRwLock) -> bool {
 impl Inner {
     /// Handles every TX chain; returns whether any was used (the caller notifies, after
     /// the RX packets the chains caused are out: the driver waits on those, not on TX).
-    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<bool> {
+    /// A credit update a chain makes due goes out at once, mid-batch, so the driver can
+    /// send again while the rest of the batch is forwarded.
+    fn process_tx(&mut self, tx: &VringRwLock, rx: &VringRwLock) -> io::Result<bool> {
         let Some(atomic) = &self.mem else {
             return Ok(false);
         };
-        if !queue_ready(vring) {
+        if !queue_ready(tx) {
             return Ok(false);
         }
         let mem = atomic.memory();
         let muxer = &mut self.muxer;
+        let event_idx = self.event_idx;
         let mut used = false;
-        queue::drain(vring, &mem, self.event_idx, |chain| {
+        let mut rx_failure = None;
+        queue::drain(tx, &mem, event_idx, |chain| {
             let head = chain.head_index();
             let descs = chain
                 .clone()
                 .map(|d| (d.addr(), d.len(), d.is_write_only()));
             muxer.on_tx_chain(&mem, descs);
-            if let Err(e) = vring.add_used(head, 0) {
+            if let Err(e) = tx.add_used(head, 0) {
                 warn!("TX add_used failed: {e}");
             }
             used = true;
+            if muxer.take_urgent() && rx_failure.is_none() {
+                rx_failure = rx_pass(muxer, &mem, rx, event_idx).err();
+            }
         })
         .map_err(|e| io::Error::other(format!("TX queue: {e}")))?;
-        Ok(used)
+        match rx_failure {
+            Some(e) => Err(e),
+            None => Ok(used),
+        }
     }
 
     fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = &self.mem else {
             return Ok(());
         };
-        if !queue_ready(vring) {
-            return Ok(());
-        }
         let mem = atomic.memory();
-        let mut used = false;
-        while self.muxer.has_rx_work() || {
-            self.muxer.refill_sibling();
-            self.muxer.has_rx_work()
-        } {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else {
-                // Out of buffers: ask for a kick, and look again in case the driver added
-                // some in between (EVENT_IDX, virtio 1.2, 2.7.10).
-                if self.event_idx
-                    && vring
-                        .enable_notification()
-                        .map_err(|e| io::Error::other(format!("RX queue: {e}")))?
-                {
-                    continue;
-                }
-                break;
-            };
-            let head = chain.head_index();
-            let descs = chain
-                .clone()
-                .map(|d| (d.addr(), d.len(), d.is_write_only()));
-            let len = match RxBuffer::parse(&mem, descs) {
-                Ok(buf) => match self.muxer.fill_rx(&mem, &buf) {
-                    Some(len) => len,
-                    None => {
-                        // Nothing could be sent after all: give the buffer back.
-                        let mut guard = vring.get_mut();
-                        let queue = guard.get_queue_mut();
-                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                        break;
-                    }
-                },
-                Err(e) => {
-                    warn!("malformed RX chain returned unused: {e}");
-                    0
-                }
-            };
-            if let Err(e) = vring.add_used(head, len) {
-                warn!("RX add_used failed: {e}");
-            }
-            used = true;
-        }
-        if used {
-            queue::notify(vring)?;
-        }
-        Ok(())
+        rx_pass(&mut self.muxer, &mem, vring, self.event_idx)
     }
+}
+
+/// Fills RX buffers with whatever the muxer has for the guest, and notifies.
+fn rx_pass(
+    muxer: &mut Muxer,
+    mem: &queue::Memory,
+    vring: &VringRwLock,
+    event_idx: bool,
+) -> io::Result<()> {
+    if !queue_ready(vring) {
+        return Ok(());
+    }
+    let mut used = false;
+    while muxer.has_rx_work() || {
+        muxer.refill_sibling();
+        muxer.has_rx_work()
+    } {
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone());
+        let Some(chain) = chain else {
+            // Out of buffers: ask for a kick, and look again in case the driver added
+            // some in between (EVENT_IDX, virtio 1.2, 2.7.10).
+            if event_idx
+                && vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("RX queue: {e}")))?
+            {
+                continue;
+            }
+            break;
+        };
+        let head = chain.head_index();
+        let descs = chain
+            .clone()
+            .map(|d| (d.addr(), d.len(), d.is_write_only()));
+        let len = match RxBuffer::parse(mem, descs) {
+            Ok(buf) => match muxer.fill_rx(mem, &buf) {
+                Some(len) => len,
+                None => {
+                    // Nothing could be sent after all: give the buffer back.
+                    let mut guard = vring.get_mut();
+                    let queue = guard.get_queue_mut();
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    break;
+                }
+            },
+            Err(e) => {
+                warn!("malformed RX chain returned unused: {e}");
+                0
+            }
+        };
+        if let Err(e) = vring.add_used(head, len) {
+            warn!("RX add_used failed: {e}");
+        }
+        used = true;
+    }
+    if used {
+        queue::notify(vring)?;
+    }
+    Ok(())
 }
 
 impl VhostUserBackend for VsockBackend {
@@ -267,7 +287,7 @@ impl VhostUserBackend for VsockBackend {
         match device_event {
             RX_QUEUE => inner.process_rx(rx)?,
             TX_QUEUE => {
-                let used = inner.process_tx(tx)?;
+                let used = inner.process_tx(tx, rx)?;
                 inner.process_rx(rx)?;
                 if used {
                     queue::notify(tx)?;

@@ -82,6 +82,8 @@ pub struct Muxer {
     sibling_pkt: Option<(RawPacket, usize)>,
     /// Whether the guest acked `VIRTIO_VSOCK_F_SEQPACKET`.
     pub seqpacket: bool,
+    /// A credit update became due while TX chains are handled: send it before the rest.
+    urgent: bool,
     throttle: Throttle,
 }
 
@@ -151,6 +153,7 @@ impl Muxer {
             orphans: VecDeque::new(),
             sibling_pkt: None,
             seqpacket: false,
+            urgent: false,
             throttle: Throttle::default(),
         })
     }
@@ -524,10 +527,14 @@ impl Muxer {
                 }
                 if conn.credit_update_due() {
                     conn.owed.credit_update = true;
+                    self.urgent = true;
                 }
             }
             op::CREDIT_UPDATE => {}
-            op::CREDIT_REQUEST => conn.owed.credit_update = true,
+            op::CREDIT_REQUEST => {
+                conn.owed.credit_update = true;
+                self.urgent = true;
+            }
             op::SHUTDOWN => {
                 if conn.guest_shutdown(h.flags).is_err() {
                     return self.reset_conn(id, true);
@@ -602,6 +609,11 @@ impl Muxer {
     }
 
     // ---- guest RX -----------------------------------------------------------------------
+
+    /// Whether a credit update became due since the last call (clears it).
+    pub fn take_urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
+    }
 
     /// Whether a packet waits for an RX buffer.
     pub fn has_rx_work(&self) -> bool {

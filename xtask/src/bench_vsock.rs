@@ -29,6 +29,15 @@ const HDR: usize = 44;
 const HDR_U32: u32 = 44;
 const RX_PAYLOAD: u32 = 4096;
 const TX_PKT: usize = 64 * 1024;
+
+/// The synthetic driver's TX packet size: 64 KiB (Linux's largest), or
+/// `VSOCK_BENCH_TX_PKT` bytes to mimic an application's smaller writes.
+fn tx_pkt() -> usize {
+    std::env::var("VSOCK_BENCH_TX_PKT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(TX_PKT, |n: usize| n.clamp(1, TX_PKT))
+}
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 const CID: u64 = 3;
 const PEER_VERSION: &str = "0.3.0";
@@ -67,12 +76,14 @@ pub fn run(args: &[String]) -> Result<()> {
         binary: install_peer()?,
         socket_flag: "--socket",
     };
+    let rounds = if quick { 1 } else { 3 };
     if synthetic {
-        let runs = if quick { 1 } else { 3 };
         let conns = if quick { 200 } else { 1000 };
-        eprintln!("bench vsock: synthetic frontend, {mib} MiB per direction, best of {runs}, {conns} connections");
-        let a = synthetic_suite(&ours, mib, runs, conns)?;
-        let b = synthetic_suite(&peer, mib, runs, conns)?;
+        eprintln!(
+            "bench vsock: synthetic frontend, {mib} MiB per direction, {conns} connections, \
+             {rounds} round(s), alternating order, medians"
+        );
+        let (a, b) = rounds_of(rounds, &ours, &peer, |s| synthetic_round(s, mib, conns))?;
         print_table("synthetic frontend (no guest CPU)", &ours, &a, &peer, &b);
     }
     if guest {
@@ -82,11 +93,13 @@ pub fn run(args: &[String]) -> Result<()> {
         let g_mib = if quick { 16 } else { 64 };
         let conns = if quick { 20 } else { 50 };
         eprintln!(
-            "bench vsock: guest under {}, {g_mib} MiB per direction, {conns} connections",
+            "bench vsock: guest under {}, {g_mib} MiB per direction, {conns} connections, \
+             {rounds} round(s), alternating order, medians",
             qemu_describe(&qemu)
         );
-        let a = guest_suite(&qemu, &ours, g_mib, conns)?;
-        let b = guest_suite(&qemu, &peer, g_mib, conns)?;
+        let (a, b) = rounds_of(rounds, &ours, &peer, |s| {
+            guest_suite(&qemu, s, g_mib, conns)
+        })?;
         print_table("guest under QEMU, socat in the guest", &ours, &a, &peer, &b);
     }
     Ok(())
@@ -159,9 +172,22 @@ impl Running {
             .arg("--uds-path")
             .arg(dir.path().join("vm.vsock"))
             .args(["--tx-buffer-size", TX_BUFFER_SIZE])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(Stdio::null());
+        // VSOCK_BENCH_LOG=DIR keeps each daemon's debug log there, for diagnosis.
+        match std::env::var_os("VSOCK_BENCH_LOG") {
+            Some(log_dir) => {
+                let file = std::fs::File::create(PathBuf::from(log_dir).join(format!(
+                    "{}-{}.log",
+                    s.name,
+                    std::process::id()
+                )))
+                .map_err(|e| e.to_string())?;
+                cmd.env("RUST_LOG", "debug").stderr(file);
+            }
+            None => {
+                cmd.env("RUST_LOG", "error").stderr(Stdio::null());
+            }
+        }
         let guard = ChildGuard::spawn(s.name, cmd).map_err(|e| e.to_string())?;
         if !e2e::process::wait_for_path(&sock, Duration::from_secs(10)) {
             return Err(format!("{} did not create its socket", s.name));
@@ -296,6 +322,8 @@ struct Driver {
     tx_busy: std::collections::HashMap<u16, GuestAddress>,
     ctrl: GuestAddress,
     calls: [i32; 2],
+    /// Packets taken while waiting for something else, handed out by the next `take_rx`.
+    pending: Vec<(u16, u32, u32, u32, u32)>,
 }
 
 impl Driver {
@@ -312,6 +340,7 @@ impl Driver {
             tx_busy: std::collections::HashMap::new(),
             ctrl: GuestAddress(0),
             calls: [0; 2],
+            pending: Vec::new(),
         };
         d.calls = [
             d.fe.queue(0).call_event().as_raw_fd(),
@@ -382,6 +411,7 @@ impl Driver {
 
     /// Takes received packets' headers (payload left in place), re-posting the buffers.
     fn take_rx(&mut self, out: &mut Vec<(u16, u32, u32, u32, u32)>) -> Result<()> {
+        out.append(&mut self.pending);
         let mut any = false;
         while let Some(u) = self.fe.queue(0).poll_used() {
             let Some(a) = self.rx.remove(&u.id) else {
@@ -425,10 +455,13 @@ impl Driver {
         let mut got = Vec::new();
         loop {
             self.take_rx(&mut got)?;
-            if let Some(&(op, _, buf_alloc, fwd, _)) = got.iter().find(|p| p.0 == 2 || p.0 == 3) {
+            if let Some(i) = got.iter().position(|p| p.0 == 2 || p.0 == 3) {
+                let (op, _, buf_alloc, fwd, _) = got.remove(i);
                 if op != 2 {
                     return Err(format!("connection to port {port} refused"));
                 }
+                // Data may follow the RESPONSE in the same batch: keep it for the caller.
+                self.pending = got;
                 return Ok((buf_alloc, fwd));
             }
             if Instant::now() > deadline {
@@ -439,32 +472,63 @@ impl Driver {
     }
 }
 
-fn synthetic_suite(s: &Subject, mib: usize, runs: usize, conns: usize) -> Result<Figures> {
-    let mut best = Figures::default();
-    for _ in 0..runs {
-        let d = Running::start(s)?;
-        let named = |e: String| format!("{}: {e}", s.name);
-        let (g2h, g2h_cpu) = synthetic_g2h(&d, mib).map_err(named)?;
-        let (h2g, h2g_cpu) = synthetic_h2g(&d, mib).map_err(named)?;
-        if g2h > best.g2h_mibs {
-            best.g2h_mibs = g2h;
-            best.g2h_cpu_ms_per_mib = g2h_cpu;
+/// Runs `round` for both subjects `rounds` times, alternating who goes first, and returns
+/// the medians of each figure.
+fn rounds_of(
+    rounds: usize,
+    a: &Subject,
+    b: &Subject,
+    mut round: impl FnMut(&Subject) -> Result<Figures>,
+) -> Result<(Figures, Figures)> {
+    let mut fa = Vec::new();
+    let mut fb = Vec::new();
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            fa.push(round(a)?);
+            fb.push(round(b)?);
+        } else {
+            fb.push(round(b)?);
+            fa.push(round(a)?);
         }
-        if h2g > best.h2g_mibs {
-            best.h2g_mibs = h2g;
-            best.h2g_cpu_ms_per_mib = h2g_cpu;
-        }
-        drop(d);
-        let d = Running::start(s)?;
-        best.conns_per_s = best
-            .conns_per_s
-            .max(synthetic_conns(&d, conns).map_err(named)?);
     }
+    Ok((median(&fa), median(&fb)))
+}
+
+fn median(all: &[Figures]) -> Figures {
+    let m = |f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = all.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Figures {
+        g2h_mibs: m(|f| f.g2h_mibs),
+        g2h_cpu_ms_per_mib: m(|f| f.g2h_cpu_ms_per_mib),
+        h2g_mibs: m(|f| f.h2g_mibs),
+        h2g_cpu_ms_per_mib: m(|f| f.h2g_cpu_ms_per_mib),
+        conns_per_s: m(|f| f.conns_per_s),
+    }
+}
+
+fn synthetic_round(s: &Subject, mib: usize, conns: usize) -> Result<Figures> {
+    let named = |e: String| format!("{}: {e}", s.name);
+    let d = Running::start(s)?;
+    let (g2h_mibs, g2h_cpu_ms_per_mib) = synthetic_g2h(&d, mib).map_err(named)?;
+    let (h2g_mibs, h2g_cpu_ms_per_mib) = synthetic_h2g(&d, mib).map_err(named)?;
+    drop(d);
+    let d = Running::start(s)?;
+    let conns_per_s = synthetic_conns(&d, conns).map_err(named)?;
+    let f = Figures {
+        g2h_mibs,
+        g2h_cpu_ms_per_mib,
+        h2g_mibs,
+        h2g_cpu_ms_per_mib,
+        conns_per_s,
+    };
     eprintln!(
-        "  {}: guest->host {:.1} MiB/s, host->guest {:.1} MiB/s, {:.0} conn/s",
-        s.name, best.g2h_mibs, best.h2g_mibs, best.conns_per_s
+        "  {}: guest->host {:.1} MiB/s ({:.2} ms CPU/MiB), host->guest {:.1} MiB/s ({:.2} ms CPU/MiB), {:.0} conn/s",
+        s.name, f.g2h_mibs, f.g2h_cpu_ms_per_mib, f.h2g_mibs, f.h2g_cpu_ms_per_mib, f.conns_per_s
     );
-    Ok(best)
+    Ok(f)
 }
 
 fn synthetic_g2h(d: &Running, mib: usize) -> Result<(f64, f64)> {
@@ -503,7 +567,7 @@ fn synthetic_g2h(d: &Running, mib: usize) -> Result<(f64, f64)> {
         let mut queued = false;
         loop {
             let credit = buf_alloc.saturating_sub(tx_cnt.wrapping_sub(fwd)) as usize;
-            let n = credit.min(TX_PKT).min(total - sent);
+            let n = credit.min(tx_pkt()).min(total - sent);
             if n == 0 {
                 break;
             }
@@ -560,12 +624,14 @@ fn synthetic_h2g(d: &Running, mib: usize) -> Result<(f64, f64)> {
     let t0 = Instant::now();
     let mut got: usize = 0;
     let mut consumed_unreported: u32 = 0;
+    let mut ops = std::collections::BTreeMap::new();
     let mut fwd: u32 = 0;
     let mut rx = Vec::new();
     while got < total {
         rx.clear();
         drv.take_rx(&mut rx)?;
         for &(op, len, _, _, _) in &rx {
+            *ops.entry(op).or_insert(0usize) += 1;
             match op {
                 5 => {
                     got += len as usize;
@@ -584,10 +650,12 @@ fn synthetic_h2g(d: &Running, mib: usize) -> Result<(f64, f64)> {
         if rx.is_empty() {
             drv.wait(Duration::from_millis(5));
         }
-        if t0.elapsed() > Duration::from_secs(120) {
+        if t0.elapsed() > Duration::from_secs(20) {
             let _ = done_tx.send(());
+            let q = drv.fe.queue(0);
             return Err(format!(
-                "host->guest transfer stuck at {got} of {total} bytes"
+                "host->guest transfer stuck at {got} of {total} bytes (RX used idx {}, {} in flight, {} free, ops {ops:?})",
+                q.used_idx(), q.in_flight(), q.free_descriptors()
             ));
         }
     }
@@ -713,6 +781,7 @@ fn guest_suite(qemu: &e2e::Qemu, s: &Subject, mib: usize, conns: usize) -> Resul
          i=0; while [ $i -lt {conns} ]; do socat -u /dev/null VSOCK-CONNECT:2:5001; i=$((i+1)); done\n\
          echo bench-done\n"
     );
+    let cpu0 = d.cpu();
     let run = e2e::GuestSpec::new(&script)
         .device(e2e::Device::vsock(&d.sock(), CID))
         .cpus(2)
@@ -720,12 +789,19 @@ fn guest_suite(qemu: &e2e::Qemu, s: &Subject, mib: usize, conns: usize) -> Resul
         .timeout(Duration::from_secs(600))
         .run(qemu)
         .map_err(|e| format!("{}: guest run failed: {e}", s.name))?;
+    let cpu = d.cpu().saturating_sub(cpu0);
     if run.exit_code != Some(0) || !run.output.contains("bench-done") {
         return Err(format!(
             "{}: guest workload failed:\n{}",
             s.name, run.output
         ));
     }
+    eprintln!(
+        "  {}: daemon CPU {:.2} s over the guest run ({:.1} s)",
+        s.name,
+        cpu.as_secs_f64(),
+        run.duration.as_secs_f64()
+    );
     let (g2h_bytes, g2h_time) = g2h_thread
         .join()
         .ok()
