@@ -524,6 +524,60 @@ mod tests {
     }
 
     #[test]
+    fn random_chains_never_panic_or_escape_memory() {
+        let mem = memory();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20_000u32 {
+            // Sometimes a plausible header with a random length in guest memory.
+            let mut h = header(u32::try_from(next() % 70_000).unwrap_or(0));
+            h.op = u16::try_from(next() % 9).unwrap_or(0);
+            mem.write_slice(&h.to_bytes(), GuestAddress(0))
+                .expect("write");
+            let n = usize::try_from(next() % 6).unwrap_or(0);
+            let descs: Vec<(GuestAddress, u32, bool)> = (0..n)
+                .map(|i| {
+                    let addr = match next() % 4 {
+                        0 => 0,
+                        1 => next() % (1 << 20),
+                        2 => (1 << 20) - next() % 64,
+                        _ => next(),
+                    };
+                    let len = match next() % 3 {
+                        0 => u32::try_from(next() % 128).unwrap_or(0),
+                        1 => u32::try_from(next() % 100_000).unwrap_or(0),
+                        _ => u32::try_from(next() >> 32).unwrap_or(0),
+                    };
+                    let write_only = round % 2 == 0 && i > 0 && next() % 2 == 0;
+                    (GuestAddress(addr), len, write_only)
+                })
+                .collect();
+            if let Ok(pkt) = TxPacket::parse(&mem, descs.clone()) {
+                assert!(pkt.payload_len() <= MAX_PAYLOAD);
+                assert_eq!(
+                    pkt.payload_to_vec(&mem).expect("checked").len(),
+                    pkt.payload_len()
+                );
+            }
+            let rx: Vec<_> = descs.iter().map(|&(a, l, _)| (a, l, true)).collect();
+            if let Ok(buf) = RxBuffer::parse(&mem, rx) {
+                assert!(buf.payload_capacity() <= MAX_PAYLOAD);
+                buf.write_header(&mem, &h).expect("checked");
+                let data = vec![0xabu8; buf.payload_capacity() + 10];
+                assert_eq!(
+                    buf.write_payload(&mem, &data).expect("checked"),
+                    buf.payload_capacity()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn rx_buffers_take_header_and_payload_across_descriptors() {
         let mem = memory();
         let descs = [
