@@ -242,7 +242,7 @@ fn net_daemon_serves_the_guest() {
              head -c 1048576 /dev/urandom > {b}.data"
         ))
         .host_background(&format!(
-            "/usr/sbin/ip netns exec {ns} socat -u TCP-LISTEN:7000,reuseaddr FILE:{b}.data"
+            "/usr/sbin/ip netns exec {ns} socat -u FILE:{b}.data TCP-LISTEN:7000,reuseaddr"
         ))
         .host_check(&format!(
             "echo \"HOST-SUM $(md5sum < {b}.data | cut -d' ' -f1)\"; rm -f {b}.data; /usr/sbin/ip netns del {ns}"
