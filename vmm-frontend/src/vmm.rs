@@ -257,7 +257,9 @@ fn wait_for_exit(exit: &ExitSignal, watched: &mut Vec<Watched>) {
         let hung: Vec<usize> = fds[1..]
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0)
+            .filter(|(_, p)| {
+                p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
+            })
             .map(|(i, _)| i)
             .collect();
         for i in hung.into_iter().rev() {
