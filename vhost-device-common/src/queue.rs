@@ -4,6 +4,8 @@
 //! re-enables notifications, or a buffer the driver added in between is never seen
 //! (virtio 1.2, 2.7.10). Without it, one pass suffices.
 
+use std::ops::ControlFlow;
+
 use vhost_user_backend::VringT;
 use virtio_queue::{DescriptorChain, QueueT};
 
@@ -26,36 +28,15 @@ where
     V: VringT<crate::GuestMemoryAtomic>,
     F: FnMut(Chain),
 {
-    let mut count = 0;
-    loop {
-        if event_idx {
-            vring.disable_notification()?;
-        }
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            match chain {
-                Some(chain) => {
-                    count += 1;
-                    handle(chain);
-                }
-                None => break,
-            }
-        }
-        // A queue the frontend stopped (GET_VRING_BASE) pops nothing while its available
-        // index may still be ahead: re-checking it would spin forever.
-        if !event_idx || !vring.get_ref().get_queue().ready() || !vring.enable_notification()? {
-            break;
-        }
-    }
-    Ok(count)
+    drain_until(vring, mem, event_idx, |chain| {
+        handle(chain);
+        ControlFlow::Continue(())
+    })
 }
 
 /// Like [`drain`], for a device that cannot always take every chain (a console with no
 /// more host input for its receive queue, or a full output buffer): `handle` returns
-/// [`std::ops::ControlFlow::Break`] to stop after the chain it was given. The chains left in the ring
+/// [`ControlFlow::Break`] to stop after the chain it was given. The chains left in the ring
 /// stay there with no notification armed for them, so the device must call again on its own
 /// wake-up (new input, room again). Check whether there is anything to do before calling.
 pub fn drain_until<V, F>(
@@ -66,13 +47,15 @@ pub fn drain_until<V, F>(
 ) -> Result<usize, virtio_queue::Error>
 where
     V: VringT<crate::GuestMemoryAtomic>,
-    F: FnMut(Chain) -> std::ops::ControlFlow<()>,
+    F: FnMut(Chain) -> ControlFlow<()>,
 {
     let mut count = 0;
+    let mut pass = 0;
     loop {
         if event_idx {
             vring.disable_notification()?;
         }
+        let mut popped = 0;
         loop {
             // A statement of its own, so the vring lock is released before `handle` runs.
             let chain = vring
@@ -81,13 +64,21 @@ where
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             count += 1;
+            popped += 1;
             if handle(chain).is_break() {
                 return Ok(count);
             }
         }
-        // A queue the frontend stopped (GET_VRING_BASE) pops nothing while its available
-        // index may still be ahead: re-checking it would spin forever.
-        if !event_idx || !vring.get_ref().get_queue().ready() || !vring.enable_notification()? {
+        // Stop re-checking when a re-check popped nothing: a queue the frontend stopped
+        // (GET_VRING_BASE), or a hostile available index beyond the ring, pops nothing
+        // while the index still looks ahead, and looping on it would spin forever.
+        let stuck = pass > 0 && popped == 0;
+        pass += 1;
+        if !event_idx
+            || stuck
+            || !vring.get_ref().get_queue().ready()
+            || !vring.enable_notification()?
+        {
             break;
         }
     }
@@ -103,4 +94,55 @@ where
         vring.signal_used_queue()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use vhost_user_backend::{VringRwLock, VringT};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+    use super::*;
+
+    fn vring(
+        mem: &crate::GuestMemoryAtomic,
+        event_idx: bool,
+    ) -> VringRwLock<crate::GuestMemoryAtomic> {
+        let vring = VringRwLock::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    /// A guest that publishes an available index far beyond what the ring holds must not
+    /// make the drain loop spin: it returns with nothing handled.
+    #[test]
+    fn a_hostile_available_index_does_not_spin() {
+        let mem = GuestMemoryAtomic::new(
+            crate::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        for event_idx in [true, false] {
+            let vring = vring(&mem, event_idx);
+            // avail ring: flags, idx = 1000 (the ring has 16 entries), ring entries 0.
+            mem.memory()
+                .write_obj(1000u16, GuestAddress(0x2002))
+                .unwrap();
+            let (tx, rx) = mpsc::channel();
+            let guest = mem.clone();
+            std::thread::spawn(move || {
+                let m = guest.memory();
+                let n = drain(&vring, &m, event_idx, |_| {}).map_err(|e| e.to_string());
+                let _ = tx.send(n);
+            });
+            let result = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("drain returned instead of spinning");
+            assert!(matches!(result, Ok(0) | Err(_)), "{result:?}");
+        }
+    }
 }
