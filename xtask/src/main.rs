@@ -1,6 +1,9 @@
 //! Project tasks, after the cargo-xtask convention: `cargo xtask <task>`.
 
+mod bench_blk;
 mod bench_console;
+mod bench_net;
+mod bench_vsock;
 mod demo;
 mod deps;
 mod guest;
@@ -23,6 +26,11 @@ tasks:
   install [--prefix P] [--destdir D] [--no-build]
                    build and install the daemons, man pages, completions, systemd units,
                    QEMU vhost-user descriptors and example configurations
+  bench blk        vhost-device-blk against qemu-storage-daemon: synthetic frontend (IOPS,
+                   latency, CPU per request) and guest fio; table + JSON (--quick)
+  bench net        our net daemon against QEMU's built-in virtio-net on a tap (vhost=off),
+                   same guest and iperf3 runs: TCP each way, 64-byte UDP rate (--quick)
+  bench vsock      our vsock daemon against rust-vmm's vhost-device-vsock (--quick)
   bench console    our console daemon against rust-vmm's vhost-device-console on a synthetic
                    frontend: throughput each way, CPU per MiB, line round trip (--quick)
 ";
@@ -49,7 +57,10 @@ fn main() {
         ),
         Some("install") => install::run(&args[1..]),
         Some("bench") => match args.get(1).map(String::as_str) {
+            Some("blk") => bench_blk::run(&args[2..]),
             Some("console") => bench_console::run(&args[2..]),
+            Some("net") => bench_net::run(&args[2..]),
+            Some("vsock") => bench_vsock::run(&args[2..]),
             other => Err(format!("unknown benchmark {other:?}\n{USAGE}")),
         },
         Some("-h" | "--help" | "help") => {
