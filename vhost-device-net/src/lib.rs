@@ -5,9 +5,10 @@
 //! - [`rx`] and [`tx`]: placing frames into the guest's chains and sending them from there.
 //! - [`backend`]: the `VhostUserBackend`, one worker per queue pair.
 //! - [`device`]: the device served by `vhost-device-common` (taps outlive connections).
-//! - [`config`]: the validated configuration.
+//! - [`config`]: the validated configuration; [`cli`]: the command line and `run`.
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod device;
 pub mod rx;

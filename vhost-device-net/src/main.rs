@@ -1,83 +1,9 @@
 //! `vhost-device-net`: serves a virtio-net device over vhost-user, backed by a tap.
 
-use std::sync::Arc;
-
-use clap::Parser;
-use vhost_device_common::capabilities::Capabilities;
-use vhost_device_common::cli::CommonArgs;
-use vhost_device_common::{run_main, serve, Error, SocketListener};
-use vhost_device_net::config::DEFAULT_QUEUE_SIZE;
-use vhost_device_net::{Config, NetDevice, RawConfig};
-
-/// vhost-user virtio-net device daemon backed by a tap device.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    #[command(flatten)]
-    common: CommonArgs,
-
-    /// Tap device to attach; created (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, multi_queue for
-    /// several pairs) if it does not exist, which needs CAP_NET_ADMIN.
-    #[arg(long, value_name = "NAME")]
-    tap: Option<String>,
-
-    /// An already opened tap queue passed by the caller, once per queue pair.
-    #[arg(long, value_name = "FD")]
-    tap_fd: Vec<i32>,
-
-    /// The guest's MAC address (default: a random locally administered one).
-    #[arg(long, value_name = "MAC")]
-    mac: Option<String>,
-
-    /// Number of RX/TX queue pairs (one worker thread and one tap queue each).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    queue_pairs: u32,
-
-    /// Largest queue size the frontend may set (a power of two).
-    #[arg(long, value_name = "N", default_value_t = u32::from(DEFAULT_QUEUE_SIZE))]
-    queue_size: u32,
-
-    /// MTU offered to the guest (VIRTIO_NET_F_MTU) and set on the tap.
-    #[arg(long, value_name = "N")]
-    mtu: Option<u32>,
-
-    /// IPv4 address and prefix for the host side of the tap, which is then brought up.
-    #[arg(long, value_name = "ADDR/PREFIX")]
-    ip: Option<String>,
-}
-
-fn run(args: Args) -> Result<(), Error> {
-    if args.common.print_capabilities {
-        println!(
-            "{}",
-            Capabilities {
-                device_type: "net",
-                features: &[]
-            }
-            .to_json()
-        );
-        return Ok(());
-    }
-    vhost_device_common::logging::init();
-    let config = Config::try_from(RawConfig {
-        tap: args.tap,
-        tap_fds: args.tap_fd,
-        mac: args.mac,
-        queue_pairs: args.queue_pairs,
-        queue_size: args.queue_size,
-        mtu: args.mtu,
-        ip: args.ip,
-    })
-    .map_err(|e| Error::usage(e.to_string()))?;
-    // The tap first: a tap error leaves no socket file behind, and a socket error closes
-    // the tap again (a tap the daemon created disappears with it).
-    let device = NetDevice::new(config).map_err(|e| Error::device("cannot set up the tap", e))?;
-    let listener = SocketListener::open(&args.common)?;
-    serve(Arc::new(device), listener)?;
-    Ok(())
-}
-
 fn main() {
-    let args = Args::parse();
-    std::process::exit(run_main("vhost-device-net", || run(args)));
+    // Command line, with `--config FILE.toml` merged under it.
+    let args = vhost_device_common::config::parse::<vhost_device_net::cli::Args>();
+    std::process::exit(vhost_device_common::run_main("vhost-device-net", || {
+        vhost_device_net::cli::run(args)
+    }));
 }

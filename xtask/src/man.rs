@@ -33,6 +33,11 @@ pub fn pages() -> Vec<Page> {
             device: "blk",
         },
         Page {
+            name: "vhost-device-net",
+            command: command::<vhost_device_net::cli::Args>,
+            device: "net",
+        },
+        Page {
             name: "vhost-device-vsock",
             command: command::<vhost_device_vsock::cli::Args>,
             device: "vsock",
