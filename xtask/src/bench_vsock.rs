@@ -10,8 +10,12 @@
 //!   timing of stream throughput each way and of connections per second.
 //!
 //! Both daemons are started with the same arguments (`--guest-cid`, the vhost-user socket,
-//! `--uds-path`, and the same `--tx-buffer-size`). Options: `--quick` (smaller sizes),
-//! `--synthetic-only`, `--guest-only`, `--mib N` (synthetic transfer size).
+//! `--uds-path`, and the same `--tx-buffer-size`: the peer's default 65536, or
+//! `VSOCK_BENCH_TX_BUFFER`). `VSOCK_BENCH_TX_PKT` sets the synthetic driver's TX packet
+//! size (default 64 KiB); `VSOCK_BENCH_LOG=DIR` keeps the daemons' debug logs.
+//! Options: `--quick` (smaller sizes, one round), `--synthetic-only`, `--guest-only`,
+//! `--mib N` (synthetic transfer size). Each figure is the median of three rounds that
+//! alternate which daemon goes first.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -171,7 +175,8 @@ impl Running {
             .arg(&sock)
             .arg("--uds-path")
             .arg(dir.path().join("vm.vsock"))
-            .args(["--tx-buffer-size", TX_BUFFER_SIZE])
+            .arg("--tx-buffer-size")
+            .arg(std::env::var("VSOCK_BENCH_TX_BUFFER").unwrap_or_else(|_| TX_BUFFER_SIZE.into()))
             .stdout(Stdio::null());
         // VSOCK_BENCH_LOG=DIR keeps each daemon's debug log there, for diagnosis.
         match std::env::var_os("VSOCK_BENCH_LOG") {
