@@ -22,9 +22,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{fd_for, sync, Done, Engine, Job, Op};
 use crate::disk::Disk;
 
-/// Largest read copied in the worker on a file without `RWF_NOWAIT`.
-const INLINE_READ_MAX: u64 = 32 * 1024;
-
 /// Largest ring the kernel accepts.
 const MAX_ENTRIES: u32 = 32768;
 
@@ -97,9 +94,6 @@ impl Uring {
         }
         let fd = self.disk.fd(false);
         match self.nowait {
-            // A large read goes to the ring all the same: io_uring's kernel threads copy
-            // several at once (reads of one file are not serialised, unlike writes).
-            sync::Nowait::Unsupported if !write && iov.len() > INLINE_READ_MAX => Some(job),
             sync::Nowait::Unsupported => {
                 let result = sync::execute(&self.disk, job.op);
                 self.done.push(Done {
