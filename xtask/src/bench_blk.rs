@@ -7,8 +7,8 @@
 //!   latency percentiles and the daemon's CPU time per request (`/proc/<pid>/stat`, which
 //!   counts every thread of the daemon, io_uring workers included). With the guest CPU
 //!   emulated on these machines, this is the sharp measure of the daemon itself.
-//! - guest: the same Linux guest booted under QEMU twice on the same image, once on each
-//!   daemon, with the same queue count, running fio (direct, libaio) inside.
+//! - guest: the same Linux guest booted under QEMU on the same image, once per run on each
+//!   daemon (alternating), with the same queue count, running fio (direct, libaio) inside.
 //!
 //! Each workload runs `--runs` times (3 by default) per daemon, alternating daemons, and
 //! the median is reported. The table is printed with the ratio ours/theirs (for latency,
@@ -606,17 +606,22 @@ fn guest(s: &Settings, ours: &Path, image: &Path, dir: &Path) -> Result<Option<V
         return Ok(None);
     };
     let mut script = String::from("set -e\n");
-    for run in 0..s.runs {
-        for (i, w) in WORKLOADS.iter().enumerate() {
-            let _ = writeln!(
-                script,
-                "echo \"R {run} {i} $({})\"",
-                fio_cmd(w, s.fio_runtime)
-            );
-        }
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let _ = writeln!(script, "echo \"R 0 {i} $({})\"", fio_cmd(w, s.fio_runtime));
     }
+    // One boot per run and daemon, alternating which goes first, so a machine whose load
+    // changes during the benchmark does not favour either.
+    let order: Vec<Subject> = (0..s.runs)
+        .flat_map(|run| {
+            if run % 2 == 0 {
+                [Subject::Ours, Subject::Qsd]
+            } else {
+                [Subject::Qsd, Subject::Ours]
+            }
+        })
+        .collect();
     let mut figures: HashMap<(Subject, usize), Vec<Figure>> = HashMap::new();
-    for subject in [Subject::Ours, Subject::Qsd] {
+    for subject in order {
         let sock = dir.join("guest.sock");
         let daemon = start(subject, ours, image, &sock, s.queues, s)?;
         eprintln!("bench blk: guest fio on {} ...", subject.name());
@@ -625,7 +630,7 @@ fn guest(s: &Settings, ours: &Path, image: &Path, dir: &Path) -> Result<Option<V
             .cpus(2)
             .memory_mib(1024)
             .timeout(Duration::from_secs(
-                u64::from(s.fio_runtime + 10) * (WORKLOADS.len() * s.runs) as u64 + 120,
+                u64::from(s.fio_runtime + 10) * WORKLOADS.len() as u64 + 120,
             ))
             .run(&qemu)
             .map_err(|e| format!("guest on {}: {e}", subject.name()))?;
