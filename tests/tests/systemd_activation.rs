@@ -359,17 +359,6 @@ fn config_file_alone(dev: &'static str, test: &str) {
     let Some(d) = Daemon::new(dev, test) else {
         return;
     };
-    let help = Command::new(&d.bin).arg("--help").output().expect("--help");
-    if !String::from_utf8_lossy(&help.stdout).contains("TOML file") {
-        skip(
-            test,
-            &format!(
-                "vhost-device-{dev} does not read TOML configuration files yet: its main must \
-                 parse with vhost_device_common::config::parse::<Args>()"
-            ),
-        );
-        return;
-    }
     let socket = d.path("vhost-user.sock");
     let mut table = toml::Table::new();
     table.insert(

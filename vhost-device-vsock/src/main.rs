@@ -1,8 +1,8 @@
-//! vhost-device-vsock: parse the command line, serve each VM's device.
+//! vhost-device-vsock: parse the command line (and a TOML or the peer's YAML configuration
+//! file), serve each VM's device.
 
 use std::sync::Arc;
 
-use clap::Parser;
 use vhost_device_common::capabilities::Capabilities;
 use vhost_device_common::{logging, run_main, serve_many, Error, SocketListener};
 use vhost_device_vsock::cli::Args;
@@ -41,6 +41,8 @@ fn run(args: Args) -> Result<(), Error> {
 }
 
 fn main() {
-    let args = Args::parse();
+    // Command line, with `--config FILE.toml` merged under it (a `--config` file of another
+    // name is the peer's YAML, which the daemon reads itself).
+    let args = vhost_device_common::config::parse::<Args>();
     std::process::exit(run_main("vhost-device-vsock", || run(args)));
 }
