@@ -12,6 +12,8 @@
 //! A test that cannot run here (no QEMU, no guest image) prints `SKIPPED` and why, and
 //! records it for `cargo xtask test`'s summary; it never passes in silence.
 
+#![warn(missing_docs)]
+
 pub mod cpio;
 pub mod frontend;
 pub mod guest;

@@ -19,6 +19,7 @@ Then attach it in QEMU with\n  -chardev socket,id=disk,path=/run/vm1/disk.sock -
 SIGHUP re-reads the image size and tells the guest when it grew."
 )]
 pub struct Args {
+    /// The flags every daemon shares (socket, --fd, --print-capabilities).
     #[command(flatten)]
     pub common: CommonArgs,
 

@@ -8,6 +8,8 @@
 //! - [`device`]: the daemon around it (connections, resize on SIGHUP, clean exit).
 //! - [`config`] and [`cli`]: the configuration and the command line that builds it.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod cli;
 pub mod config;

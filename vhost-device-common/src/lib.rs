@@ -15,6 +15,8 @@
 //! std::process::exit(run_main("vhost-device-x", || serve_device(&args)));
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod capabilities;
 pub mod cli;
 pub mod config;

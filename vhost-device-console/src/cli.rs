@@ -12,6 +12,7 @@ use crate::config::{Backend, Config, ConfigError, DEFAULT_HISTORY};
 #[derive(Parser, Debug, Clone)]
 #[command(name = "vhost-device-console", version)]
 pub struct Args {
+    /// The flags every daemon shares (socket, --fd, --print-capabilities).
     #[command(flatten)]
     pub common: CommonArgs,
 

@@ -11,6 +11,8 @@
 //! - [`device`]: the device `vhost_device_common::serve` runs.
 //! - [`config`] and [`cli`]: configuration and the command line.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod cli;
 pub mod config;

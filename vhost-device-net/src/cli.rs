@@ -20,6 +20,7 @@ use crate::{Config, NetDevice, RawConfig};
                   -netdev vhost-user,id=n,chardev=c,queues=2 -device virtio-net-pci,netdev=n,mq=on"
 )]
 pub struct Args {
+    /// The flags every daemon shares (socket, --fd, --print-capabilities).
     #[command(flatten)]
     pub common: CommonArgs,
 

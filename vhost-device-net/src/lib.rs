@@ -7,6 +7,8 @@
 //! - [`device`]: the device served by `vhost-device-common` (taps outlive connections).
 //! - [`config`]: the validated configuration; [`cli`]: the command line and `run`.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod cli;
 pub mod config;

@@ -14,6 +14,7 @@ use crate::config::{self, Config, VmParams};
 #[command(name = "vhost-device-vsock", version)]
 pub struct Args {
     /// Listening socket and capabilities.
+    /// The flags every daemon shares (socket, --fd, --print-capabilities).
     #[command(flatten)]
     pub common: CommonArgs,
 

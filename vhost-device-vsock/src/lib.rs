@@ -11,6 +11,8 @@
 //! [`sibling`] (VM to VM), [`backend`] (the `VhostUserBackend`), [`device`] (per-VM
 //! resources for `vhost_device_common::serve`), [`config`] and [`cli`].
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod cli;
 pub mod config;

@@ -7,6 +7,8 @@
 //! MSI-X), `virtio_pci` (the modern transport), `vhost_user` (the daemon behind each
 //! function), `vm_ops` (the KVM operations devices use) and `vmm` (assembly and run).
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod bus;
 pub mod config;
