@@ -334,6 +334,14 @@ impl Vmm {
 /// Boots the L2 guest alone and runs `command` there after loading the kvm modules: the
 /// nested set-up's own check (is there a `/dev/kvm` inside L2?), without vmm-frontend.
 pub fn run_l2(command: &str, timeout: Duration) -> Result<GuestRun, Error> {
+    run_l2_spec(&GuestSpec::new(command).timeout(timeout))
+}
+
+/// Like [`run_l2`], with the spec's extra files in L2 (a benchmark's programs); its
+/// devices are ignored.
+pub fn run_l2_spec(spec: &GuestSpec) -> Result<GuestRun, Error> {
+    let command = &spec.command;
+    let timeout = spec.timeout;
     let qemu = which("qemu-system-x86_64")
         .ok_or_else(|| Error::Setup("qemu-system-x86_64 is not installed".into()))?;
     let _lock = lock_guests().map_err(|e| Error::Setup(format!("guest lock: {e}")))?;
@@ -342,9 +350,9 @@ pub fn run_l2(command: &str, timeout: Duration) -> Result<GuestRun, Error> {
     let script = format!(
         "KVER=$(uname -r)\nfor m in $(cat /etc/e2e/modules.kvm); do insmod /lib/modules/$KVER/$m 2>/dev/null; done\n{command}"
     );
-    let extra = GuestSpec::new(&script)
-        .archive()
-        .map_err(|e| Error::Setup(e.to_string()))?;
+    let mut l2 = spec.clone();
+    l2.command = script;
+    let extra = l2.archive().map_err(|e| Error::Setup(e.to_string()))?;
     let initrd = work.path().join("l2-initrd.gz");
     compose_initrd(&paths::initrd(), &[&extra], &initrd)
         .map_err(|e| Error::Setup(e.to_string()))?;
@@ -404,7 +412,7 @@ fn l2_command(qemu: &Path, initrd: &Path) -> Command {
 
 /// A copy of `binary` without debug info (debug builds are large; L2 unpacks them under
 /// emulation), or the binary itself if `objcopy` is missing.
-fn stripped(binary: &Path, work: &Path) -> Result<Vec<u8>, String> {
+pub fn stripped(binary: &Path, work: &Path) -> Result<Vec<u8>, String> {
     let name = binary.file_name().unwrap_or_default();
     let out = work.join(name);
     let ok = Command::new("objcopy")
@@ -418,7 +426,7 @@ fn stripped(binary: &Path, work: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// The shared libraries `ldd` lists for `binary`.
-fn libraries(binary: &Path) -> Vec<PathBuf> {
+pub fn libraries(binary: &Path) -> Vec<PathBuf> {
     let Ok(out) = Command::new("ldd").arg(binary).output() else {
         return Vec::new();
     };

@@ -1,6 +1,7 @@
 //! Project tasks, after the cargo-xtask convention: `cargo xtask <task>`.
 
 mod bench_blk;
+mod bench_boot;
 mod bench_console;
 mod bench_net;
 mod bench_vsock;
@@ -26,6 +27,9 @@ tasks:
   install [--prefix P] [--destdir D] [--no-build]
                    build and install the daemons, man pages, completions, systemd units,
                    QEMU vhost-user descriptors and example configurations
+  bench boot [--rounds N]
+                   vmm-frontend against QEMU q35 and microvm: time to the guest's init and
+                   the VMM's own memory, same kernel, initramfs and KVM (nested here)
   bench blk        vhost-device-blk against qemu-storage-daemon: synthetic frontend (IOPS,
                    latency, CPU per request) and guest fio; table + JSON (--quick)
   bench net        our net daemon against QEMU's built-in virtio-net on a tap (vhost=off),
@@ -58,6 +62,7 @@ fn main() {
         Some("install") => install::run(&args[1..]),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("blk") => bench_blk::run(&args[2..]),
+            Some("boot") => bench_boot::run(&args[2..]),
             Some("console") => bench_console::run(&args[2..]),
             Some("net") => bench_net::run(&args[2..]),
             Some("vsock") => bench_vsock::run(&args[2..]),
