@@ -888,6 +888,35 @@ impl Frontend {
     }
 }
 
+/// Sends a memory table whose region claims more than its file holds (touching it past
+/// the end would raise SIGBUS in the daemon), then tries to put a ring there, and reports
+/// whether the daemon accepted all of it. A daemon that checks its memory table refuses the
+/// table (an error reply with `REPLY_ACK`) or drops the connection; either way this returns
+/// `false`.
+pub fn daemon_accepts_a_region_past_its_file(socket: &Path) -> Result<bool> {
+    let mut fe = Frontend::connect_without_queues(socket, &Options::default())?;
+    let small = Memory::new(1 << 20)?;
+    let mut regions = small.regions()?;
+    regions[0].memory_size = 64 << 20;
+    if fe.vhost().set_mem_table(&regions).is_err() {
+        return Ok(false);
+    }
+    let far = VringConfigData {
+        queue_max_size: 64,
+        queue_size: 64,
+        flags: 0,
+        desc_table_addr: regions[0].userspace_addr + (32 << 20),
+        used_ring_addr: regions[0].userspace_addr + (33 << 20),
+        avail_ring_addr: regions[0].userspace_addr + (34 << 20),
+        log_addr: None,
+    };
+    let accepted = fe.vhost().set_vring_num(0, 64).is_ok()
+        && fe.vhost().set_vring_addr(0, &far).is_ok()
+        // A message with a reply: fails if the daemon dropped the connection.
+        && fe.vhost().get_features().is_ok();
+    Ok(accepted)
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {

@@ -647,3 +647,22 @@ fn an_unused_queue_pair_stops_receiving_from_the_tap() {
         );
     }
 }
+
+/// A memory region larger than the file behind it is refused (touching it would raise
+/// SIGBUS in the daemon), and the next frontend is served.
+#[test]
+fn a_region_past_its_file_is_refused() {
+    let Some(ns) = netns_or_skip("net_frontend::region_past_its_file") else {
+        return;
+    };
+    let mut d = daemon(&ns, &[]);
+    let accepted =
+        e2e::frontend::daemon_accepts_a_region_past_its_file(&d.socket).expect("handshake");
+    assert!(
+        !accepted,
+        "the daemon accepted a region past the end of its file"
+    );
+    assert!(d.guard.try_wait().is_none(), "the daemon died");
+    let drv = connect(&d, 8, 2048);
+    assert_ne!(drv.fe.features(), 0);
+}

@@ -652,6 +652,8 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> std::io::Result<()> {
+        // A region past the end of its file would kill the daemon with SIGBUS.
+        vhost_device_common::memory::refuse_unbacked(&mem)?;
         self.conn().mem = Some(mem);
         Ok(())
     }

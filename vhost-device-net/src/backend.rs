@@ -370,6 +370,8 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        // A region past the end of its file would kill the daemon with SIGBUS.
+        vhost_device_common::memory::refuse_unbacked(&mem)?;
         let mut slot = self
             .inner
             .memory

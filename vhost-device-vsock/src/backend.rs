@@ -265,6 +265,8 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        // A region past the end of its file would kill the daemon with SIGBUS.
+        vhost_device_common::memory::refuse_unbacked(&mem)?;
         self.lock()?.mem = Some(mem);
         Ok(())
     }
