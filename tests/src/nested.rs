@@ -19,9 +19,7 @@ use crate::guest::{
     Watch, GUEST_TAG,
 };
 use crate::paths;
-use crate::qemu::{
-    guest_image_or_skip, host_shell, lock_guests, skip, start_host_side, which, Accel, Qemu,
-};
+use crate::qemu::{guest_image_or_skip, lock_guests, run_on_host, skip, which, Accel, Qemu};
 
 /// The marker tag of the L2 guest.
 const L2_TAG: &str = "l2";
@@ -123,44 +121,14 @@ impl Vmm {
     }
 
     fn run_direct(&self, spec: &GuestSpec) -> Result<GuestRun, Error> {
-        let started = Instant::now();
-        let work = tempfile::tempdir().map_err(|e| Error::Setup(e.to_string()))?;
-        let extra = spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
-        let initrd = work.path().join("initrd.gz");
-        compose_initrd(&paths::initrd(), &[&extra], &initrd)
-            .map_err(|e| Error::Setup(format!("cannot write the guest initramfs: {e}")))?;
-        let mut daemons = start_host_side(spec)?;
-        let mut cmd = Command::new(paths::bin_path("vmm-frontend"));
-        cmd.args(Self::vmm_args(
-            spec,
-            &paths::kernel().display().to_string(),
-            &initrd.display().to_string(),
-        ));
-        let watch = Watch {
-            launcher: self.describe(),
-            tag: GUEST_TAG.to_string(),
-            boot_timeout: Duration::from_secs(30),
-            command_timeout: spec.timeout,
-            echo: std::env::var_os("E2E_VERBOSE").is_some(),
-        };
-        let watched = watch_vm(cmd, &watch);
-        for d in &mut daemons {
-            d.terminate(Duration::from_secs(5));
-        }
-        let watched = watched?;
-        let host_output = if spec.host_check.is_empty() {
-            String::new()
-        } else {
-            host_shell(&spec.host_check).unwrap_or_else(|e| e)
-        };
-        Ok(GuestRun {
-            output: watched.output,
-            exit_code: watched.exit_code,
-            console: watched.console,
-            host_output,
-            launcher: self.describe(),
-            duration: started.elapsed(),
-            retried: false,
+        run_on_host(spec, &self.describe(), Duration::from_secs(30), |initrd| {
+            let mut cmd = Command::new(paths::bin_path("vmm-frontend"));
+            cmd.args(Self::vmm_args(
+                spec,
+                &paths::kernel().display().to_string(),
+                &initrd.display().to_string(),
+            ));
+            Ok(cmd)
         })
     }
 

@@ -279,40 +279,55 @@ impl Qemu {
     }
 
     fn run_once(&self, spec: &GuestSpec, boot_timeout: Duration) -> Result<GuestRun, Error> {
-        let started = Instant::now();
-        let work = tempfile::tempdir().map_err(|e| Error::Setup(e.to_string()))?;
-        let extra = spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
-        let initrd = work.path().join("initrd.gz");
-        compose_initrd(&paths::initrd(), &[&extra], &initrd)
-            .map_err(|e| Error::Setup(format!("cannot write the guest initramfs: {e}")))?;
-        let mut daemons = start_host_side(spec)?;
-        let watch = Watch {
-            launcher: self.describe(),
-            tag: GUEST_TAG.to_string(),
-            boot_timeout,
-            command_timeout: spec.timeout,
-            echo: std::env::var_os("E2E_VERBOSE").is_some(),
-        };
-        let watched = watch_vm(self.command(spec, &initrd)?, &watch);
-        for d in &mut daemons {
-            d.terminate(Duration::from_secs(5));
-        }
-        let watched = watched?;
-        let host_output = if spec.host_check.is_empty() {
-            String::new()
-        } else {
-            host_shell(&spec.host_check).unwrap_or_else(|e| e)
-        };
-        Ok(GuestRun {
-            output: watched.output,
-            exit_code: watched.exit_code,
-            console: watched.console,
-            host_output,
-            launcher: self.describe(),
-            duration: started.elapsed(),
-            retried: false,
+        run_on_host(spec, &self.describe(), boot_timeout, |initrd| {
+            self.command(spec, initrd)
         })
     }
+}
+
+/// Runs `spec` with a VM process on this host (QEMU, or vmm-frontend on a host whose KVM
+/// runs stock kernels): writes the guest's initramfs, starts the host side, runs the VM
+/// that `vm` builds for that initramfs to the guest's end marker, stops the daemons, runs
+/// the host check.
+pub fn run_on_host(
+    spec: &GuestSpec,
+    launcher: &str,
+    boot_timeout: Duration,
+    vm: impl FnOnce(&Path) -> Result<Command, Error>,
+) -> Result<GuestRun, Error> {
+    let started = Instant::now();
+    let work = tempfile::tempdir().map_err(|e| Error::Setup(e.to_string()))?;
+    let extra = spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
+    let initrd = work.path().join("initrd.gz");
+    compose_initrd(&paths::initrd(), &[&extra], &initrd)
+        .map_err(|e| Error::Setup(format!("cannot write the guest initramfs: {e}")))?;
+    let mut daemons = start_host_side(spec)?;
+    let watch = Watch {
+        launcher: launcher.to_string(),
+        tag: GUEST_TAG.to_string(),
+        boot_timeout,
+        command_timeout: spec.timeout,
+        echo: std::env::var_os("E2E_VERBOSE").is_some(),
+    };
+    let watched = watch_vm(vm(&initrd)?, &watch);
+    for d in &mut daemons {
+        d.terminate(Duration::from_secs(5));
+    }
+    let watched = watched?;
+    let host_output = if spec.host_check.is_empty() {
+        String::new()
+    } else {
+        host_shell(&spec.host_check).unwrap_or_else(|e| e)
+    };
+    Ok(GuestRun {
+        output: watched.output,
+        exit_code: watched.exit_code,
+        console: watched.console,
+        host_output,
+        launcher: launcher.to_string(),
+        duration: started.elapsed(),
+        retried: false,
+    })
 }
 
 /// Runs the spec's host side where the daemons run on this host: the set-up script, the
