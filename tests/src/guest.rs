@@ -570,6 +570,36 @@ pub fn watch_vm(mut cmd: Command, watch: &Watch) -> Result<Watched, Error> {
     }
 }
 
+/// Runs `once`, and once more if the VM printed nothing at all before its boot timeout (a
+/// hang seen on loaded hosts), saying so; then prints which launcher ran the guest and how
+/// long it took.
+pub fn run_with_retry(
+    launcher: &str,
+    once: impl Fn() -> Result<GuestRun, Error>,
+) -> Result<GuestRun, Error> {
+    let result = match once() {
+        Err(Error::NoBoot { console, secs, .. }) if console.trim().is_empty() => {
+            say(&format!(
+                "e2e: RETRY: {launcher} printed nothing within {secs} s; retrying once"
+            ));
+            once().map(|mut r| {
+                r.retried = true;
+                r
+            })
+        }
+        other => other,
+    };
+    if let Ok(r) = &result {
+        say(&format!(
+            "e2e: guest ran under {} in {:.1} s{}",
+            r.launcher,
+            r.duration.as_secs_f64(),
+            if r.retried { " (after a retry)" } else { "" }
+        ));
+    }
+    result
+}
+
 /// Writes `base` followed by `extra` (both gzip'd newc archives) to `out`.
 pub fn compose_initrd(base: &Path, extras: &[&[u8]], out: &Path) -> std::io::Result<()> {
     let mut data = std::fs::read(base)?;

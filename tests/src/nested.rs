@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use crate::cpio::Archive;
 use crate::guest::{
-    compose_initrd, parse_markers, say, watch_vm, DeviceKind, Error, GuestRun, GuestSpec, Launcher,
-    Watch, GUEST_TAG,
+    compose_initrd, parse_markers, run_with_retry, watch_vm, DeviceKind, Error, GuestRun,
+    GuestSpec, Launcher, Watch, GUEST_TAG,
 };
 use crate::paths;
 use crate::qemu::{guest_image_or_skip, lock_guests, run_on_host, skip, which, Accel, Qemu};
@@ -438,28 +438,7 @@ impl Launcher for Vmm {
             Mode::Direct => self.run_direct(spec),
             Mode::Nested { qemu, .. } => self.run_nested(spec, qemu),
         };
-        let result = match once() {
-            Err(Error::NoBoot { console, .. }) if console.trim().is_empty() => {
-                say(&format!(
-                    "e2e: RETRY: {} printed nothing; retrying once",
-                    self.describe()
-                ));
-                once().map(|mut r| {
-                    r.retried = true;
-                    r
-                })
-            }
-            other => other,
-        };
-        if let Ok(r) = &result {
-            say(&format!(
-                "e2e: guest ran under {} in {:.1} s{}",
-                r.launcher,
-                r.duration.as_secs_f64(),
-                if r.retried { " (after a retry)" } else { "" }
-            ));
-        }
-        result
+        run_with_retry(&self.describe(), once)
     }
 }
 

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::guest::{
-    compose_initrd, say, watch_vm, DeviceKind, Error, GuestRun, GuestSpec, Launcher, Watch,
-    GUEST_TAG,
+    compose_initrd, run_with_retry, say, watch_vm, DeviceKind, Error, GuestRun, GuestSpec,
+    Launcher, Watch, GUEST_TAG,
 };
 use crate::paths;
 use crate::process::ChildGuard;
@@ -414,28 +414,6 @@ impl Launcher for Qemu {
         // Generous for a loaded 2-core machine (TCG reaches init in 2-4 s), yet a hung
         // guest fails in well under a minute.
         let boot = Duration::from_secs(40);
-        let result = match self.run_once(spec, boot) {
-            Err(Error::NoBoot { console, .. }) if console.trim().is_empty() => {
-                say(&format!(
-                    "e2e: RETRY: {} printed nothing within {} s; retrying once",
-                    self.describe(),
-                    boot.as_secs()
-                ));
-                self.run_once(spec, boot).map(|mut r| {
-                    r.retried = true;
-                    r
-                })
-            }
-            other => other,
-        };
-        if let Ok(r) = &result {
-            say(&format!(
-                "e2e: guest ran under {} in {:.1} s{}",
-                r.launcher,
-                r.duration.as_secs_f64(),
-                if r.retried { " (after a retry)" } else { "" }
-            ));
-        }
-        result
+        run_with_retry(&self.describe(), || self.run_once(spec, boot))
     }
 }
