@@ -509,7 +509,7 @@ fn drive(sock: &Path, pid: u32, w: Workload, seconds: f64) -> Result<Figure> {
         Ok(head)
     };
     // Warm up briefly, then measure.
-    let cpu0 = cpu_time(pid);
+    let cpu0 = crate::util::cpu_time(pid);
     let start = Instant::now();
     for (i, slot) in slots.iter_mut().enumerate() {
         let head = submit(&mut fe, slot, next_block())?;
@@ -551,7 +551,7 @@ fn drive(sock: &Path, pid: u32, w: Workload, seconds: f64) -> Result<Figure> {
         fe.queue(0).kick().map_err(|e| e.to_string())?;
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_time(pid).saturating_sub(cpu0);
+    let cpu = crate::util::cpu_time(pid).saturating_sub(cpu0);
     lat.sort_by(f64::total_cmp);
     let pct = |p: usize| {
         lat.get(lat.len().saturating_sub(1) * p / 100)
@@ -565,23 +565,6 @@ fn drive(sock: &Path, pid: u32, w: Workload, seconds: f64) -> Result<Figure> {
         p99_us: pct(99),
         cpu_us: cpu.as_secs_f64() * 1e6 / (done.max(1) as f64),
     })
-}
-
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // utime and stime: fields 14 and 15 of stat(5), 12 and 13 after the name.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .unwrap_or(100);
-    Duration::from_micros(ticks * 1_000_000 / hz.max(1))
 }
 
 /// The fio command line of a workload in the guest.

@@ -292,7 +292,7 @@ impl Bench {
     }
 
     fn cpu(&self) -> Duration {
-        cpu_time(self.daemon.pid())
+        crate::util::cpu_time(self.daemon.pid())
     }
 
     /// Guest output: 4 KiB transmit buffers, `IN_FLIGHT` at a time, read by the client.
@@ -495,24 +495,6 @@ fn measure(s: &Subject, f: impl FnOnce(&mut Bench) -> Result<Figure>) -> Result<
         eprintln!("bench console: {}: {e}", s.name);
     }
     r
-}
-
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .unwrap_or(100);
-    Duration::from_micros(ticks * 1_000_000 / hz.max(1))
 }
 
 /// One measured figure.

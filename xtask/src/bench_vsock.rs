@@ -214,26 +214,8 @@ impl Running {
 
     /// User plus system CPU time of the daemon so far.
     fn cpu(&self) -> Duration {
-        cpu_time(self.guard.pid())
+        crate::util::cpu_time(self.guard.pid())
     }
-}
-
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .unwrap_or(100);
-    Duration::from_micros(ticks * 1_000_000 / hz.max(1))
 }
 
 #[derive(Debug, Clone, Copy, Default)]
