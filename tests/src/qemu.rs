@@ -410,10 +410,45 @@ impl Launcher for Qemu {
     }
 
     fn run(&self, spec: &GuestSpec) -> Result<GuestRun, Error> {
-        let _lock = lock_guests().map_err(|e| Error::Setup(format!("guest lock: {e}")))?;
+        self.run_together(std::slice::from_ref(spec))
+            .pop()
+            .unwrap_or_else(|| Err(Error::Setup("no guest run".into())))
+    }
+}
+
+impl Qemu {
+    /// Runs several guests at the same time under one hold of the guest lock (e.g. two
+    /// VMs of one daemon talking to each other), each with its own VM process, console,
+    /// timeouts and retry; returns each guest's result in the order of `specs`. Give each
+    /// guest `-smp 1` ([`GuestSpec::cpus`]) so they share the host's cores.
+    pub fn run_together(&self, specs: &[GuestSpec]) -> Vec<Result<GuestRun, Error>> {
+        let _lock = match lock_guests() {
+            Ok(l) => l,
+            Err(e) => {
+                return specs
+                    .iter()
+                    .map(|_| Err(Error::Setup(format!("guest lock: {e}"))))
+                    .collect()
+            }
+        };
         // Generous for a loaded 2-core machine (TCG reaches init in 2-4 s), yet a hung
         // guest fails in well under a minute.
-        let boot = Duration::from_secs(40);
-        run_with_retry(&self.describe(), || self.run_once(spec, boot))
+        let boot = Duration::from_secs(40 * specs.len().max(1) as u64);
+        let launcher = self.describe();
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = specs
+                .iter()
+                .map(|spec| {
+                    let launcher = &launcher;
+                    scope.spawn(move || run_with_retry(launcher, || self.run_once(spec, boot)))
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| {
+                    r.join()
+                        .unwrap_or_else(|_| Err(Error::Setup("guest run thread panicked".into())))
+                })
+                .collect()
+        })
     }
 }
