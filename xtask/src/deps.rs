@@ -11,8 +11,14 @@ use crate::util::{is_root, output, run, step, Result};
 /// - busybox-static, fio, socat, iperf3: copied into the guest image with their libraries.
 /// - kmod: `depmod`, to compute `modules.dep` for the guest kernel's modules.
 /// - iproute2: network namespaces for the net tests.
+/// - gcc-aarch64-linux-gnu, libc6-dev-arm64-cross: the linker and C library of the
+///   `aarch64-unknown-linux-gnu` build (`.cargo/config.toml` names the linker);
+///   qemu-system-arm: the emulated arm64 machine whose KVM runs the aarch64 e2e test.
 pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    "qemu-system-arm",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
     "busybox-static",
     "fio",
     "socat",
