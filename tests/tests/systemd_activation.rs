@@ -681,8 +681,8 @@ fn syscall_group(analyze: &Path, group: &str, out: &mut std::collections::BTreeS
     }
 }
 
-/// The units' `SystemCallFilter=@system-service ~@privileged` allows every system call the
-/// daemon makes from exec to exit (with a frontend connected), traced with strace: a call
+/// The units' `SystemCallFilter=@system-service ~@privileged seccomp` allows every system
+/// call the daemon makes from exec to exit (with a frontend connected), traced with strace: a call
 /// outside the filter would fail with EPERM under systemd.
 fn syscall_filter(dev: &'static str, test: &str) {
     let (Some(analyze), Some(strace)) = (which("systemd-analyze"), which("strace")) else {
@@ -692,12 +692,37 @@ fn syscall_filter(dev: &'static str, test: &str) {
     let Some(d) = Daemon::new(dev, test) else {
         return;
     };
+    // The unit's SystemCallFilter= lines in order: an allow-list, `~` lines remove from it,
+    // later plain lines add to it (`seccomp`, for the daemon's own filter).
+    let unit = std::fs::read_to_string(
+        e2e::paths::workspace_root().join(format!("dist/systemd/vhost-device-{dev}@.service")),
+    )
+    .expect("unit");
     let mut allowed = std::collections::BTreeSet::new();
-    syscall_group(&analyze, "@system-service", &mut allowed);
-    let mut privileged = std::collections::BTreeSet::new();
-    syscall_group(&analyze, "@privileged", &mut privileged);
+    for value in unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("SystemCallFilter="))
+    {
+        let (deny, names) = match value.strip_prefix('~') {
+            Some(names) => (true, names),
+            None => (false, value),
+        };
+        let mut set = std::collections::BTreeSet::new();
+        for name in names.split_whitespace() {
+            if name.starts_with('@') {
+                syscall_group(&analyze, name, &mut set);
+            } else {
+                set.insert(name.to_string());
+            }
+        }
+        if deny {
+            allowed.retain(|s| !set.contains(s));
+        } else {
+            allowed.extend(set);
+        }
+    }
     assert!(allowed.contains("io_uring_setup") && allowed.contains("epoll_wait"));
-    allowed.retain(|s| !privileged.contains(s));
+    assert!(!allowed.contains("setuid"), "@privileged stays out");
 
     let socket = d.path("vhost-user.sock");
     let trace = d.path("strace.log");

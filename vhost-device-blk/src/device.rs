@@ -62,6 +62,10 @@ impl BlkDevice {
 }
 
 impl Device for BlkDevice {
+    fn syscalls(&self) -> vhost_device_common::Syscalls {
+        crate::seccomp::syscalls()
+    }
+
     type Backend = BlkBackend;
 
     fn name(&self) -> &str {
@@ -161,6 +165,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     drop(probe);
     let listener =
         SocketListener::open(&listener_args).map_err(vhost_device_common::Error::from)?;
-    serve(Arc::new(device), listener).map_err(vhost_device_common::Error::from)?;
+    serve(Arc::new(device), listener, &listener_args.sandbox())
+        .map_err(vhost_device_common::Error::from)?;
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod engine;
 pub mod ratelimit;
 pub mod request;
+pub mod seccomp;
 pub mod virtio;
 
 pub use device::run;

@@ -1,10 +1,12 @@
 //! The command-line flags every daemon shares, after QEMU's vhost-user "backend program
 //! conventions" (`docs/interop/vhost-user.rst`): `--socket-path` or `--fd`, and
-//! `--print-capabilities`.
+//! `--print-capabilities`; and how the daemon confines itself, `--seccomp` and `--user`.
 
 use std::path::PathBuf;
 
 use clap::Args;
+
+use crate::sandbox::{Sandbox, SeccompMode};
 
 /// Flags common to all daemons; flatten into the daemon's own `clap::Parser`.
 #[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
@@ -22,4 +24,24 @@ pub struct CommonArgs {
     /// Print the device's capabilities as JSON (QEMU's vhost-user.json convention) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// What a system call off the daemon's seccomp allow-list does once it serves: `kill`
+    /// the process, `trap` (print the call's number, then die), `log` it to the kernel log
+    /// and allow it, or `none` (no filter). See docs/security.md.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+
+    /// Switch to this user (and its group, or GROUP) once the socket and files are open.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+}
+
+impl CommonArgs {
+    /// How the daemon confines itself (`--seccomp`, `--user`), for [`crate::serve`].
+    pub fn sandbox(&self) -> Sandbox {
+        Sandbox {
+            seccomp: self.seccomp,
+            user: self.user.clone(),
+        }
+    }
 }

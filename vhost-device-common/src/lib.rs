@@ -25,6 +25,7 @@ pub mod listener;
 pub mod logging;
 pub mod memory;
 pub mod queue;
+pub mod sandbox;
 pub mod serve;
 pub mod signals;
 pub mod systemd;
@@ -33,6 +34,7 @@ use std::fmt::Write as _;
 
 pub use exit::ExitEvents;
 pub use listener::SocketListener;
+pub use sandbox::{Sandbox, SeccompMode, Syscalls};
 pub use serve::{serve, serve_many, Device};
 
 /// The memory type every daemon maps the guest into.

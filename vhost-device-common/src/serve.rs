@@ -14,6 +14,7 @@ use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 
 use crate::listener::{Origin, SocketListener};
+use crate::sandbox::{Sandbox, Syscalls};
 use crate::signals::{Request, Signals};
 use crate::{systemd, GuestMemory, GuestMemoryAtomic};
 
@@ -26,6 +27,9 @@ pub enum Error {
     /// The serving thread could not start.
     #[error("cannot start the serving thread")]
     Thread(#[source] std::io::Error),
+    /// The daemon could not confine itself (`--user`, `--seccomp`).
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::Error),
     /// The device could not make a backend for a new connection.
     #[error("{0}")]
     Backend(String),
@@ -62,6 +66,12 @@ pub trait Device: Send + Sync + 'static {
     /// The frontend of `backend` went away; its worker threads have been joined.
     fn disconnected(&self, _backend: &Self::Backend) {}
 
+    /// The system calls this device makes while serving, beyond
+    /// [`crate::sandbox::common_syscalls`]: its seccomp allow-list.
+    fn syscalls(&self) -> Syscalls {
+        Syscalls::new()
+    }
+
     /// `SIGHUP`: re-read what can change while running.
     fn reload(&self) {}
 
@@ -71,13 +81,20 @@ pub trait Device: Send + Sync + 'static {
 
 /// Serves frontends on `listener` until `SIGTERM` or `SIGINT`.
 ///
-/// Blocks the handled signals first, so call it before the daemon starts any thread.
+/// Blocks the handled signals first, so call it before the daemon starts any thread. Then
+/// enters `sandbox` (drops to `--user`, installs the seccomp filter with the device's
+/// [`Device::syscalls`]) before the first serving thread starts: open every file and socket
+/// the device needs before calling it.
 /// Reports readiness to systemd once it accepts connections, and `STOPPING=1` on the way out.
-pub fn serve<D: Device>(device: Arc<D>, listener: SocketListener) -> Result<(), Error>
+pub fn serve<D: Device>(
+    device: Arc<D>,
+    listener: SocketListener,
+    sandbox: &Sandbox,
+) -> Result<(), Error>
 where
     <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
 {
-    serve_many(vec![(device, listener)])
+    serve_many(vec![(device, listener)], sandbox)
 }
 
 /// Serves several devices, each on its own listening socket, in one process until `SIGTERM`
@@ -85,8 +102,12 @@ where
 /// first that fails for good ends the daemon. Readiness is reported once all listen;
 /// `reload` and `shutdown` reach every device.
 ///
-/// Blocks the handled signals first, so call it before the daemon starts any thread.
-pub fn serve_many<D: Device>(devices: Vec<(Arc<D>, SocketListener)>) -> Result<(), Error>
+/// Blocks the handled signals first, so call it before the daemon starts any thread; enters
+/// `sandbox` as [`serve`] does.
+pub fn serve_many<D: Device>(
+    devices: Vec<(Arc<D>, SocketListener)>,
+    sandbox: &Sandbox,
+) -> Result<(), Error>
 where
     <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
 {
@@ -95,11 +116,30 @@ where
     let (failed, failed_writer) = std::os::unix::net::UnixStream::pair().map_err(Error::Signals)?;
     failed.set_nonblocking(true).map_err(Error::Signals)?;
     let failure: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
-    let mut origins = Vec::new();
+    let origins: Vec<Origin> = devices
+        .iter()
+        .map(|(_, listener)| listener.origin().clone())
+        .collect();
+    let remove_socket_files = || {
+        for origin in &origins {
+            if let Origin::Path(path) = origin {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    };
+    // Everything is open: confine the process before the first serving thread starts, so
+    // every worker thread is born under the filter.
+    let syscalls = devices.iter().fold(Syscalls::new(), |all, (device, _)| {
+        all.merge(&device.syscalls())
+    });
+    let name = devices.first().map_or("", |(device, _)| device.name());
+    if let Err(e) = sandbox.enter(name, &syscalls) {
+        remove_socket_files();
+        return Err(e.into());
+    }
     let mut served = Vec::new();
 
     for (device, listener) in devices {
-        origins.push(listener.origin().clone());
         let where_ = listener.describe();
         let thread_device = device.clone();
         let mut thread_failed = failed_writer.try_clone().map_err(Error::Signals)?;
@@ -160,11 +200,7 @@ where
     for (device, _) in &served {
         device.shutdown();
     }
-    for origin in origins {
-        if let Origin::Path(path) = origin {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    remove_socket_files();
     result
 }
 

@@ -83,6 +83,10 @@ impl ConsoleDevice {
 }
 
 impl Device for ConsoleDevice {
+    fn syscalls(&self) -> vhost_device_common::Syscalls {
+        crate::seccomp::syscalls()
+    }
+
     type Backend = ConsoleBackend;
 
     fn name(&self) -> &str {

@@ -21,6 +21,7 @@ pub mod device;
 pub mod endpoint;
 pub mod history;
 pub mod port;
+pub mod seccomp;
 pub mod terminal;
 pub mod virtio;
 
@@ -72,7 +73,7 @@ pub fn run(args: cli::Args) -> Result<(), Error> {
         }
     };
     let device = Arc::new(device);
-    let result = serve(device.clone(), listener);
+    let result = serve(device.clone(), listener, &common.sandbox());
     terminal::restore_all();
     result.map_err(Error::from)
 }

@@ -82,6 +82,6 @@ pub fn run(args: Args) -> Result<(), Error> {
     // the tap again (a tap the daemon created disappears with it).
     let device = NetDevice::new(config).map_err(|e| Error::device("cannot set up the tap", e))?;
     let listener = SocketListener::open(&args.common)?;
-    serve(Arc::new(device), listener)?;
+    serve(Arc::new(device), listener, &args.common.sandbox())?;
     Ok(())
 }

@@ -80,6 +80,10 @@ impl NetDevice {
 }
 
 impl Device for NetDevice {
+    fn syscalls(&self) -> vhost_device_common::Syscalls {
+        crate::seccomp::syscalls()
+    }
+
     type Backend = NetBackend;
 
     fn name(&self) -> &str {

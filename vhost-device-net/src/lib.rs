@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod rx;
+pub mod seccomp;
 pub mod stats;
 pub mod tap;
 pub mod tx;

@@ -86,6 +86,10 @@ impl Drop for VsockDevice {
 }
 
 impl Device for VsockDevice {
+    fn syscalls(&self) -> vhost_device_common::Syscalls {
+        crate::seccomp::syscalls()
+    }
+
     type Backend = VsockBackend;
 
     fn name(&self) -> &str {

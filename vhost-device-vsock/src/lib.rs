@@ -20,4 +20,5 @@ pub mod conn;
 pub mod device;
 pub mod muxer;
 pub mod packet;
+pub mod seccomp;
 pub mod sibling;

@@ -36,7 +36,7 @@ fn run(args: Args) -> Result<(), Error> {
             VsockDevice::new(vm, registry.clone()).map_err(|e| Error::device("cannot start", e))?;
         devices.push((Arc::new(device), listener));
     }
-    serve_many(devices)?;
+    serve_many(devices, &common.sandbox())?;
     Ok(())
 }
 

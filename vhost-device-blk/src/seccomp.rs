@@ -1,0 +1,16 @@
+//! The block daemon's system calls beyond the shared list
+//! ([`vhost_device_common::sandbox::common_syscalls`]), found by running its tests with
+//! `--seccomp log`: the io_uring engine, FLUSH, discard and write-zeroes of the sync engine.
+
+use vhost_device_common::Syscalls;
+
+/// What the block daemon calls while serving.
+pub fn syscalls() -> Syscalls {
+    Syscalls::new().allow(&[
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_fdatasync,
+        libc::SYS_fallocate,
+    ])
+}

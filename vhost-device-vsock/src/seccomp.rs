@@ -1,0 +1,16 @@
+//! The vsock daemon's system calls beyond the shared list
+//! ([`vhost_device_common::sandbox::common_syscalls`]), found by running its tests with
+//! `--seccomp log`: a guest's connection to host port N connects a new Unix socket to
+//! `UDS_PATH_N` (with a send timeout); the `uds-path` listener itself is bound before the
+//! filter.
+
+use vhost_device_common::Syscalls;
+
+/// What the vsock daemon calls while serving.
+pub fn syscalls() -> Syscalls {
+    Syscalls::new().allow(&[libc::SYS_connect]).allow_arg(
+        libc::SYS_setsockopt,
+        2,
+        &[libc::SO_SNDTIMEO as u64, libc::SO_RCVTIMEO as u64],
+    )
+}
