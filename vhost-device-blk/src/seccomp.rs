@@ -1,6 +1,7 @@
 //! The block daemon's system calls beyond the shared list
 //! ([`vhost_device_common::sandbox::common_syscalls`]), found by running its tests with
-//! `--seccomp log`: the io_uring engine, FLUSH, discard and write-zeroes of the sync engine.
+//! `--seccomp log`: the io_uring engine; reads, writes, FLUSH, discard and write-zeroes of
+//! the sync engine; the image size read again on `SIGHUP` (`lseek` for a block device).
 
 use vhost_device_common::Syscalls;
 
@@ -12,5 +13,11 @@ pub fn syscalls() -> Syscalls {
         libc::SYS_io_uring_register,
         libc::SYS_fdatasync,
         libc::SYS_fallocate,
+        libc::SYS_preadv,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev,
+        libc::SYS_pwritev2,
+        libc::SYS_pwrite64,
+        libc::SYS_lseek,
     ])
 }
