@@ -1,0 +1,4 @@
+#![no_main]
+//! See `vhost_devices_fuzz::targets::console_control` for what the input drives.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vhost_devices_fuzz::targets::console_control(data));
