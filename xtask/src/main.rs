@@ -7,6 +7,7 @@ mod bench_net;
 mod bench_vsock;
 mod demo;
 mod deps;
+mod fuzz;
 mod guest;
 mod install;
 mod man;
@@ -21,7 +22,10 @@ tasks:
   test [-- ARGS]   the whole test suite: installs what is missing (as root), builds the
                    guest image, then fmt --check, clippy -D warnings, cargo test --workspace
   guest            build the test guest (Debian cloud kernel + initramfs) into target/guest
-  deps             install the Debian packages the tests need (as root)
+  deps             install the Debian packages the tests need (as root), and cargo-fuzz
+  fuzz [--seconds N] [--seed] [TARGET...]
+                   run the cargo-fuzz targets (all by default) N seconds each (600), with
+                   the nightly toolchain; --seed rewrites the seed corpora in fuzz/corpus
   man [DIR]        man pages and shell completions from the clap definitions, into DIR
                    (default: the target directory): DIR/man/man1, DIR/completions
   install [--prefix P] [--destdir D] [--no-build]
@@ -53,7 +57,8 @@ fn main() {
         }
         Some("demo") => demo::run_demo(),
         Some("guest") => deps::ensure_packages().and_then(|()| guest::build()),
-        Some("deps") => deps::ensure_packages(),
+        Some("deps") => deps::ensure_packages().and_then(|()| fuzz::ensure_cargo_fuzz()),
+        Some("fuzz") => fuzz::run_cli(&args[1..]),
         Some("man") => man::run(
             &args
                 .get(1)

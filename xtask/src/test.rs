@@ -1,8 +1,8 @@
 //! `cargo xtask test`: the project's one test command (the README's, and CI's).
 //!
 //! Installs what is missing, builds the guest image, then runs `cargo fmt --check`,
-//! clippy with `-D warnings`, and `cargo test --workspace`, and prints a summary that names
-//! every test that was skipped and why.
+//! clippy with `-D warnings`, `cargo test --workspace` and 30 s of each fuzz target, and
+//! prints a summary that names every test that was skipped and why.
 
 use std::process::Command;
 
@@ -16,6 +16,11 @@ fn cargo() -> Command {
 pub fn run_all(extra_test_args: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     crate::deps::ensure_packages()?;
+    if let Err(e) = crate::fuzz::ensure_cargo_fuzz() {
+        step(&format!(
+            "cargo-fuzz not installed ({e}); fuzzing will be skipped"
+        ));
+    }
     crate::guest::build()?;
     let skip_log = e2e::paths::skip_log();
     let _ = std::fs::remove_file(&skip_log);
@@ -94,6 +99,18 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
         notes.push(format!(
             "NOT BUILT: the {aarch64} build of vmm-frontend and the daemons (the Rust target is not installed: rustup target add {aarch64})"
         ));
+    }
+
+    // A short run of every fuzz target (a longer one: cargo xtask fuzz --seconds N).
+    match crate::fuzz::unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED fuzz: {why}");
+            notes.push(format!("SKIPPED fuzz: {why}"));
+        }
+        None => results.push((
+            "cargo xtask fuzz --seconds 30 (every target, 30 s each)",
+            crate::fuzz::run_targets(&[], 30),
+        )),
     }
 
     eprintln!(
