@@ -189,7 +189,8 @@ impl Syscalls {
 /// descriptors (`recvmsg`/`sendmsg`), guest memory (`mmap`), eventfds and epoll, worker
 /// threads started per connection, the signalfd, logging, systemd notification (an
 /// `AF_UNIX` datagram socket), removing the socket file at exit. Each was seen in a trace of
-/// the daemons' tests, except where a comment says why it is here anyway.
+/// the daemons' tests, except where a comment says why it is here anyway. Built for the
+/// calling process (`tgkill` is allowed towards its own PID only).
 pub fn common_syscalls() -> Syscalls {
     use libc::*;
     let list = Syscalls::new()
@@ -237,9 +238,7 @@ pub fn common_syscalls() -> Syscalls {
             SYS_gettid,
             SYS_exit,
             SYS_exit_group,
-            // abort() and `--seccomp trap` signal the calling thread.
             SYS_getpid,
-            SYS_tgkill,
             // Log timestamps: the vDSO answers, unless the clock source has no vDSO path.
             SYS_clock_gettime,
             // HashMap seeds.
@@ -260,7 +259,9 @@ pub fn common_syscalls() -> Syscalls {
         // sd_notify's datagram socket; no other kind of socket.
         .allow_arg(SYS_socket, 0, &[AF_UNIX as u64])
         // Thread names.
-        .allow_arg(SYS_prctl, 0, &[PR_SET_NAME as u64]);
+        .allow_arg(SYS_prctl, 0, &[PR_SET_NAME as u64])
+        // abort() and `--seccomp trap` signal the calling thread: this process only.
+        .allow_arg(SYS_tgkill, 0, &[u64::from(std::process::id())]);
     // Where x86_64 has the old calls, aarch64 has only their successors.
     #[cfg(target_arch = "x86_64")]
     let list = list.allow(&[SYS_epoll_wait, SYS_poll, SYS_unlink]);
@@ -512,6 +513,11 @@ mod tests {
         3
     }
 
+    fn signal_the_parent() -> i32 {
+        // SAFETY: kill(2) with signal 0 only checks that the parent exists.
+        unsafe { libc::kill(libc::getppid(), 0) }
+    }
+
     fn program(mode: SeccompMode) -> BpfProgram {
         common_syscalls()
             .compile(mode)
@@ -531,6 +537,15 @@ mod tests {
     #[test]
     fn execve_kills_the_process() {
         let status = in_child(&program(SeccompMode::Kill), exec_true);
+        assert!(
+            matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn signalling_another_process_kills_the_process() {
+        let status = in_child(&program(SeccompMode::Kill), signal_the_parent);
         assert!(
             matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)),
             "{status:?}"
