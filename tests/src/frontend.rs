@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{
     Frontend as VhostFrontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -520,6 +520,20 @@ impl Queue {
         Ok(head)
     }
 
+    /// Puts `head` on the used ring as the device would (a test's way to play a daemon that
+    /// completed a request and died before recording it elsewhere).
+    pub fn write_used_as_device(&self, head: u16, len: u32) {
+        let idx = self.used_idx();
+        let slot = u64::from(idx % self.size);
+        let mmap = &self.mem.mmap;
+        mmap.write_obj(u32::from(head), self.used.unchecked_add(4 + 8 * slot))
+            .and_then(|()| mmap.write_obj(len, self.used.unchecked_add(8 + 8 * slot)))
+            .unwrap_or_else(|e| panic!("used ring outside guest memory: {e}"));
+        fence(Ordering::Release);
+        mmap.write_obj(idx.wrapping_add(1), self.used.unchecked_add(2))
+            .unwrap_or_else(|e| panic!("used ring outside guest memory: {e}"));
+    }
+
     /// The device's used index as it stands in guest memory.
     pub fn used_idx(&self) -> u16 {
         fence(Ordering::SeqCst);
@@ -694,6 +708,12 @@ impl Frontend {
     }
 
     fn handshake(stream: UnixStream, options: &Options) -> Result<Self> {
+        Self::negotiate(stream, options, Memory::new(options.mem_size)?)
+    }
+
+    /// The handshake on `stream` with guest memory `mem` (new, or the memory of an earlier
+    /// connection when reconnecting).
+    fn negotiate(stream: UnixStream, options: &Options, mem: Memory) -> Result<Self> {
         let max_queues = u64::try_from(options.num_queues.max(1)).unwrap_or(1);
         let mut vhost = VhostFrontend::from_stream(stream, max_queues);
         vhost.set_owner().map_err(msg_err("SET_OWNER"))?;
@@ -716,7 +736,6 @@ impl Frontend {
         if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             vhost.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
         }
-        let mem = Memory::new(options.mem_size)?;
         vhost
             .set_mem_table(&mem.regions()?)
             .map_err(msg_err("SET_MEM_TABLE"))?;
@@ -764,20 +783,28 @@ impl Frontend {
                 .map_err(msg_err("GET_QUEUE_NUM"))?;
             num = num.min(usize::try_from(max).unwrap_or(usize::MAX));
         }
-        let queues = (0..num)
+        self.queues = (0..num)
             .map(|i| Queue::new(i, &self.mem, size))
             .collect::<Result<Vec<_>>>()?;
-        for q in &queues {
+        self.start_queues()
+    }
+
+    /// Sends the ring set-up of every queue: `SET_VRING_NUM` for all, then each one's
+    /// addresses, base (its used index: 0 for a new ring, where the device left off after a
+    /// reconnect, as QEMU does), call and kick, and enables it.
+    fn start_queues(&mut self) -> Result<()> {
+        let queues = &self.queues;
+        for q in queues {
             self.vhost
-                .set_vring_num(q.index, size)
+                .set_vring_num(q.index, q.size)
                 .map_err(msg_err("SET_VRING_NUM"))?;
         }
-        for q in &queues {
+        for q in queues {
             self.vhost
                 .set_vring_addr(q.index, &q.config_data()?)
                 .map_err(msg_err("SET_VRING_ADDR"))?;
             self.vhost
-                .set_vring_base(q.index, 0)
+                .set_vring_base(q.index, q.used_idx())
                 .map_err(msg_err("SET_VRING_BASE"))?;
             self.vhost
                 .set_vring_call(q.index, &q.call)
@@ -791,8 +818,41 @@ impl Frontend {
                     .map_err(msg_err("SET_VRING_ENABLE"))?;
             }
         }
-        self.queues = queues;
         Ok(())
+    }
+
+    /// `GET_INFLIGHT_FD`: asks the backend for an in-flight tracking buffer for `queues`
+    /// queues of `size` entries; returns its description and file.
+    pub fn get_inflight(&mut self, queues: u16, size: u16) -> Result<(VhostUserInflight, File)> {
+        self.vhost
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, queues, size))
+            .map_err(msg_err("GET_INFLIGHT_FD"))
+    }
+
+    /// `SET_INFLIGHT_FD`: hands the backend the tracking buffer of an earlier connection.
+    pub fn set_inflight(&mut self, inflight: &VhostUserInflight, file: &File) -> Result<()> {
+        self.vhost
+            .set_inflight_fd(inflight, file.as_raw_fd())
+            .map_err(msg_err("SET_INFLIGHT_FD"))
+    }
+
+    /// Reconnects to a (restarted) daemon at `path` the way QEMU's `reconnect=` does: the same
+    /// guest memory and rings, the in-flight buffer (if any) handed back before the rings are
+    /// set up, each ring's base at its used index.
+    pub fn reconnect(
+        &mut self,
+        path: impl AsRef<Path>,
+        options: &Options,
+        inflight: Option<(&VhostUserInflight, &File)>,
+    ) -> Result<()> {
+        let stream = connect_socket(path.as_ref(), options.connect_timeout)?;
+        let mut fresh = Self::negotiate(stream, options, self.mem.clone())?;
+        fresh.queues = std::mem::take(&mut self.queues);
+        *self = fresh;
+        if let Some((msg, file)) = inflight {
+            self.set_inflight(msg, file)?;
+        }
+        self.start_queues()
     }
 
     /// Stops queue `index` (`GET_VRING_BASE`) and returns the device's next available index.

@@ -94,6 +94,26 @@ impl Daemon {
         fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Starts a new daemon process on the same socket path and image (after the old one
+    /// died); its log is appended to the same file.
+    fn respawn(&mut self, args: &[&str]) {
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("log");
+        let mut cmd = Command::new(e2e::bin_path("vhost-device-blk"));
+        cmd.arg("--socket-path")
+            .arg(&self.sock)
+            .arg("--image")
+            .arg(&self.image)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = ChildGuard::spawn("vhost-device-blk", cmd).expect("spawn");
+    }
+
     fn connect(&self, options: Options) -> Blk {
         let fe = Frontend::connect(&self.sock, options)
             .unwrap_or_else(|e| panic!("connect: {e}\nlog:\n{}", self.log()));
@@ -848,4 +868,104 @@ fn stopping_a_queue_completes_what_it_took() {
             "{engine}: every request the device took is completed when GET_VRING_BASE returns"
         );
     }
+}
+
+/// Writes descriptor `head`'s state in an in-flight buffer as a daemon that took the request
+/// off the ring would have (layout: vhost-user specification, "Inflight I/O tracking").
+fn mark_in_flight(buf: &mut [u8], head: u16, counter: u64) {
+    let at = 16 + 16 * usize::from(head);
+    buf[at] = 1;
+    buf[at + 8..at + 16].copy_from_slice(&counter.to_le_bytes());
+}
+
+/// A daemon killed with requests in flight: the next daemon gets the in-flight buffer back
+/// (`SET_INFLIGHT_FD`, as QEMU's `reconnect=` does) and finishes them with no kick, once each,
+/// oldest first; one the dead daemon had already put on the used ring is not done again; and
+/// the ring goes on from the right place.
+#[test]
+fn a_restarted_daemon_resubmits_what_was_in_flight() {
+    use std::os::unix::fs::FileExt;
+
+    let mut d = Daemon::start(MIB, &[]);
+    let options = Options::default().queue_size(16);
+    let mut fe = Frontend::connect_without_queues(&d.sock, &options)
+        .unwrap_or_else(|e| panic!("connect: {e}\nlog:\n{}", d.log()));
+    let (inflight, file) = fe.get_inflight(1, 16).expect("GET_INFLIGHT_FD");
+    assert_eq!(
+        inflight.mmap_size, 320,
+        "one queue of 16: 16 * 16 + 2 rounded up to 64"
+    );
+    fe.set_inflight(&inflight, &file).expect("SET_INFLIGHT_FD");
+    fe.setup_queues(1, 16).expect("queues");
+    let mut b = Blk { fe };
+    // The daemon keeps the log: after a completed write, nothing is marked and the used
+    // index is recorded.
+    assert_eq!(b.write(0, &[0x11; 512]), S_OK);
+    let mut log = vec![0u8; inflight.mmap_size as usize];
+    file.read_exact_at(&mut log, 0).expect("read log");
+    assert_eq!(u16::from_le_bytes([log[8], log[9]]), 1, "version");
+    assert_eq!(u16::from_le_bytes([log[14], log[15]]), 1, "used_idx");
+    assert!(
+        (0..16).all(|h| log[16 + 16 * h] == 0),
+        "no request left marked"
+    );
+
+    // Kill the daemon, then lay out what it would have left: four writes taken off the ring;
+    // the first (A) already on the used ring, its mark not yet cleared; B, C, D in flight.
+    d.child
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .expect("SIGKILL");
+    d.child.wait_timeout(T).expect("killed");
+    let mut heads = Vec::new();
+    let mut prepared = Vec::new();
+    for (i, byte) in [0xaa_u8, 0xbb, 0xcc, 0xdd].into_iter().enumerate() {
+        let p = b.prepare(OUT, 8 * (i as u64 + 1), &[byte; 4096], 0);
+        let q = b.fe.queue(0);
+        let head = q.add(&p.bufs).expect("add");
+        q.publish(head);
+        heads.push(head);
+        prepared.push(p);
+    }
+    b.fe.queue(0).write_used_as_device(heads[0], 1);
+    let a =
+        b.fe.queue(0)
+            .wait_used(T)
+            .expect("A as the dead daemon completed it");
+    assert_eq!(a.id, heads[0]);
+    for (counter, head) in heads.iter().enumerate() {
+        mark_in_flight(&mut log, *head, 10 + counter as u64);
+    }
+    log[12..14].copy_from_slice(&heads[0].to_le_bytes()); // last_batch_head
+    file.write_all_at(&log, 0).expect("write log");
+
+    let args: [&str; 0] = [];
+    d.respawn(&args);
+    b.fe.reconnect(&d.sock, &options, Some((&inflight, &file)))
+        .unwrap_or_else(|e| panic!("reconnect: {e}\nlog:\n{}", d.log()));
+    // No kick: the daemon resubmits on its own.
+    let used =
+        b.fe.queue(0)
+            .wait_used_n(3, T)
+            .unwrap_or_else(|e| panic!("resubmitted requests: {e}\nlog:\n{}", d.log()));
+    assert_eq!(
+        used.iter().map(|u| u.id).collect::<Vec<_>>(),
+        heads[1..].to_vec(),
+        "B, C, D completed, in the order they were taken"
+    );
+    for (i, p) in prepared.iter().enumerate().skip(1) {
+        assert_eq!(b.outcome(p, 1).status, S_OK);
+        let byte = [0xaa_u8, 0xbb, 0xcc, 0xdd][i];
+        assert_eq!(d.image_bytes(4096 * (i as u64 + 1), 4096), vec![byte; 4096]);
+    }
+    // A was not done again (its status byte still holds the 0xff the driver put there),
+    // and nothing more comes: the ring goes on after D.
+    assert_eq!(b.outcome(&prepared[0], 1).status, 0xff, "A not resubmitted");
+    assert!(b.fe.queue(0).wait_used(Duration::from_millis(300)).is_err());
+    assert_eq!(b.write(40, &[0x22; 512]), S_OK);
+    assert_eq!(d.image_bytes(40 * 512, 512), vec![0x22; 512]);
+    assert!(
+        d.log().contains("resubmitting 3 request(s)"),
+        "log:\n{}",
+        d.log()
+    );
 }

@@ -15,20 +15,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, error, warn};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_device_common::queue::{self, Chain};
 use vhost_device_common::{ExitEvents, GuestMemoryAtomic};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{Bytes, GuestAddressSpace};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::Config;
 use crate::disk::Disk;
 use crate::engine::{self, Done, Engine, IoVecs, Job, Op, Tag};
+use crate::inflight::{self, QueueLog};
 use crate::ratelimit;
-use crate::request::{self, Kind};
+use crate::request::{self, Kind, Rejected, Request};
 use crate::virtio::{features, status, BlkConfig, ID_BYTES};
 use crate::GuestMemory;
 
@@ -49,6 +52,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The worker's wake-up eventfd could not be made.
+    #[error("cannot create an eventfd for queue {queue}")]
+    Wake {
+        /// Queue.
+        queue: u16,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A request ready for the used ring.
@@ -56,7 +68,7 @@ pub enum Error {
 struct Completion {
     head: u16,
     /// Where the status byte goes; `None` for a chain without one.
-    status_addr: Option<vm_memory::GuestAddress>,
+    status_addr: Option<GuestAddress>,
     status: u8,
     used_len: u32,
 }
@@ -73,6 +85,12 @@ struct Worker {
     ready: Vec<Completion>,
     /// Requests taken off this queue since the connection started.
     requests: u64,
+    /// The queue's in-flight log, when the frontend shares one.
+    log: Option<QueueLog>,
+    /// A log arrived: recover from it (resubmit what it holds) before serving the ring.
+    recover: bool,
+    /// Raised when the ring starts with a log to recover, to run that in the worker.
+    wake: EventFd,
 }
 
 struct Inner {
@@ -84,6 +102,11 @@ struct Inner {
     event_idx: AtomicBool,
     backend_req: Mutex<Option<Backend>>,
 }
+
+/// Event ids on a worker's epoll past the queue's own (0) and vhost-user-backend's exit
+/// event (`num_queues`).
+const COMPLETION_EVENT: u16 = 1;
+const WAKE_EVENT: u16 = 2;
 
 /// The virtio-blk backend of one frontend connection.
 #[derive(Clone)]
@@ -136,6 +159,8 @@ impl BlkBackend {
                             source,
                         }
                     })?;
+                let wake =
+                    EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Wake { queue, source })?;
                 Ok(Mutex::new(Worker {
                     queue,
                     engine,
@@ -144,6 +169,9 @@ impl BlkBackend {
                     done: Vec::new(),
                     ready: Vec::new(),
                     requests: 0,
+                    log: None,
+                    recover: false,
+                    wake,
                 }))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -177,21 +205,35 @@ impl BlkBackend {
         self.worker(0).map_or("none", |w| w.engine.name())
     }
 
-    /// The per-worker eventfds to watch for completions, with their thread index.
-    pub fn completion_fds(&self) -> Vec<(usize, std::os::fd::RawFd)> {
+    /// The eventfds each worker's epoll must watch besides its queue: (thread index, fd,
+    /// epoll data value). The engine's completions, and the wake-up for recovering
+    /// in-flight requests.
+    pub fn worker_fds(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
+        use std::os::fd::AsRawFd;
+        let base = u64::from(self.inner.num_queues);
         (0..self.inner.workers.len())
-            .filter_map(|i| {
-                self.worker(i)
-                    .and_then(|w| w.engine.completion_fd())
-                    .map(|fd| (i, fd))
+            .filter_map(|i| self.worker(i).map(|w| (i, w)))
+            .flat_map(|(i, w)| {
+                let completion = w
+                    .engine
+                    .completion_fd()
+                    .map(|fd| (i, fd, base + u64::from(COMPLETION_EVENT)));
+                let wake = (i, w.wake.as_raw_fd(), base + u64::from(WAKE_EVENT));
+                completion.into_iter().chain(std::iter::once(wake))
             })
             .collect()
     }
 
-    /// The epoll data value of a worker's completion eventfd (past the range vhost-user-backend
-    /// reserves for queues and the exit event).
-    pub fn completion_event(&self) -> u64 {
-        u64::from(self.inner.num_queues) + 1
+    /// Shares `buffer` as the in-flight log of every queue; each recovers from it when its
+    /// ring starts.
+    fn use_inflight(&self, buffer: inflight::Buffer) {
+        let buffer = Arc::new(buffer);
+        for i in 0..self.inner.workers.len() {
+            if let Some(mut w) = self.worker(i) {
+                w.log = u16::try_from(i).ok().and_then(|q| buffer.queue(q));
+                w.recover = w.log.is_some();
+            }
+        }
     }
 
     fn worker(&self, index: usize) -> Option<MutexGuard<'_, Worker>> {
@@ -246,8 +288,50 @@ impl Worker {
     /// Turns a chain into a job for the engine, or completes it at once.
     fn start(&mut self, disk: &Disk, mem: &Arc<GuestMemory>, chain: Chain) {
         let head = chain.head_index();
+        self.begin(disk, mem, head, request::parse(chain));
+    }
+
+    /// Finds what the previous daemon left in the in-flight log, points the ring past it and
+    /// resubmits it, oldest first.
+    fn recover(&mut self, disk: &Disk, mem: &Arc<GuestMemory>, vring: &Vring) {
+        self.recover = false;
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let (table, size, used) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (q.desc_table(), q.size(), q.next_used())
+        };
+        let found = log.recover(used);
+        vring.set_queue_next_avail(found.next_avail);
+        if !found.heads.is_empty() {
+            log::info!(
+                "queue {}: resubmitting {} request(s) left in flight by the previous daemon",
+                self.queue,
+                found.heads.len()
+            );
+        }
+        for head in found.heads {
+            let descriptors = queue::Descriptors::new(mem, GuestAddress(table), size, head);
+            let parsed = request::parse_descriptors(mem, descriptors);
+            self.begin(disk, mem, head, parsed);
+        }
+    }
+
+    /// Starts the request parsed from the chain at `head`.
+    fn begin(
+        &mut self,
+        disk: &Disk,
+        mem: &Arc<GuestMemory>,
+        head: u16,
+        parsed: Result<Request, Rejected>,
+    ) {
         self.requests += 1;
-        let req = match request::parse(chain) {
+        if let Some(log) = self.log.as_mut() {
+            log.begin(head);
+        }
+        let req = match parsed {
             Ok(req) => req,
             Err(rejected) => {
                 ratelimit::guest_fault(self.queue, &rejected.error);
@@ -332,7 +416,7 @@ impl Worker {
     fn complete_now(
         &mut self,
         head: u16,
-        status_addr: Option<vm_memory::GuestAddress>,
+        status_addr: Option<GuestAddress>,
         status: u8,
         used_len: u32,
     ) {
@@ -397,8 +481,14 @@ impl Worker {
                 // No status byte: the chain is returned with nothing written.
                 None => 0,
             };
+            if let Some(log) = &self.log {
+                log.completing(c.head);
+            }
             if let Err(e) = vring.add_used(c.head, used_len) {
                 error!("queue {}: cannot add to the used ring: {e}", self.queue);
+            }
+            if let Some(log) = &self.log {
+                log.completed(c.head, vring.get_ref().get_queue().next_used());
             }
         }
         if n > 0 {
@@ -448,6 +538,34 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        msg: &VhostUserInflight,
+    ) -> std::io::Result<(VhostUserInflight, std::fs::File)> {
+        let (buffer, file, reply) =
+            inflight::Buffer::create(msg, self.inner.num_queues, self.inner.queue_size)?;
+        self.use_inflight(buffer);
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: std::fs::File) -> std::io::Result<()> {
+        let buffer =
+            inflight::Buffer::open(file, msg, self.inner.num_queues, self.inner.queue_size)?;
+        self.use_inflight(buffer);
+        Ok(())
+    }
+
+    fn queue_started(&self, queue_index: u16) {
+        if let Some(w) = self.worker(usize::from(queue_index)) {
+            if w.recover {
+                if let Err(e) = w.wake.write(1) {
+                    error!("queue {queue_index}: cannot wake the worker: {e}");
+                }
+            }
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -537,6 +655,15 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let disk = &self.inner.disk;
+        let base = self.inner.num_queues;
+        if device_event == base.wrapping_add(WAKE_EVENT) {
+            let _ = w.wake.read();
+        }
+        if w.recover && vring.get_ref().get_queue().ready() {
+            let arc = mem.clone().into_inner();
+            w.recover(disk, &arc, vring);
+            w.engine.commit();
+        }
         if device_event == 0 {
             let event_idx = self.inner.event_idx.load(Ordering::Acquire);
             let arc = mem.clone().into_inner();

@@ -85,16 +85,14 @@ impl Device for BlkDevice {
         backend: &BlkBackend,
         handlers: &[Arc<VringEpollHandler<BlkBackend>>],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        // Each worker's io_uring completions wake that worker's epoll.
-        for (thread, fd) in backend.completion_fds() {
+        // Each worker's io_uring completions and in-flight recovery wake that worker's epoll.
+        for (thread, fd, event) in backend.worker_fds() {
             let handler = handlers
                 .get(thread)
-                .ok_or_else(|| format!("no worker thread {thread} for the completion eventfd"))?;
+                .ok_or_else(|| format!("no worker thread {thread} for its eventfd"))?;
             handler
-                .register_listener(fd, EventSet::IN, backend.completion_event())
-                .map_err(|e| {
-                    format!("cannot watch the completion eventfd of worker {thread}: {e}")
-                })?;
+                .register_listener(fd, EventSet::IN, event)
+                .map_err(|e| format!("cannot watch an eventfd of worker {thread}: {e}"))?;
         }
         Ok(())
     }

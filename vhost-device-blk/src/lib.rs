@@ -16,6 +16,7 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod inflight;
 pub mod ratelimit;
 pub mod request;
 pub mod seccomp;

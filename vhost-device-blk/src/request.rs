@@ -24,6 +24,7 @@
 
 use std::ops::Deref;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -256,13 +257,21 @@ pub fn parse<M>(chain: DescriptorChain<M>) -> Result<Request, Rejected>
 where
     M: Deref<Target = GuestMemory> + Clone,
 {
-    let mem: &GuestMemory = chain.memory();
+    parse_descriptors(chain.memory(), chain.clone())
+}
+
+/// Parses the descriptors of one chain, read from `mem`, into a [`Request`] (for a chain
+/// that was not popped from the ring just now: an in-flight request resubmitted).
+pub fn parse_descriptors(
+    mem: &GuestMemory,
+    descriptors: impl IntoIterator<Item = Descriptor>,
+) -> Result<Request, Rejected> {
     let mut readable = Vec::new();
     let mut writable: Vec<Segment> = Vec::new();
     let mut order_broken = false;
     let mut too_many = false;
     let mut outside = None;
-    for (count, desc) in chain.clone().enumerate() {
+    for (count, desc) in descriptors.into_iter().enumerate() {
         if count >= MAX_DESCRIPTORS {
             too_many = true;
             break;

@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -196,6 +196,32 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    // PATCH(vhost-devices): in-flight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    /// Allocate the shared in-flight tracking buffer the frontend asks for
+    /// (`VHOST_USER_GET_INFLIGHT_FD`): its description and the file holding it.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not track in-flight I/O",
+        ))
+    }
+
+    /// Take the in-flight tracking buffer the frontend kept from an earlier connection
+    /// (`VHOST_USER_SET_INFLIGHT_FD`); sent before the rings are set up.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not track in-flight I/O",
+        ))
+    }
+
+    // PATCH(vhost-devices): a ring has started.
+    /// Called when a ring starts (it has its kick fd and is ready), after its kick fd is
+    /// watched: a backend that resumes work from an earlier connection (in-flight requests
+    /// to resubmit) starts it here, since the driver will not kick for requests it already
+    /// made available.
+    fn queue_started(&self, _queue_index: u16) {}
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -354,6 +380,32 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    // PATCH(vhost-devices): in-flight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    /// Allocate the shared in-flight tracking buffer the frontend asks for
+    /// (`VHOST_USER_GET_INFLIGHT_FD`): its description and the file holding it.
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not track in-flight I/O",
+        ))
+    }
+
+    /// Take the in-flight tracking buffer the frontend kept from an earlier connection
+    /// (`VHOST_USER_SET_INFLIGHT_FD`); sent before the rings are set up.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not track in-flight I/O",
+        ))
+    }
+
+    // PATCH(vhost-devices): a ring has started.
+    /// Called when a ring starts (it has its kick fd and is ready), after its kick fd is
+    /// watched: a backend that resumes work from an earlier connection (in-flight requests
+    /// to resubmit) starts it here, since the driver will not kick for requests it already
+    /// made available.
+    fn queue_started(&mut self, _queue_index: u16) {}
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -450,6 +502,19 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    // PATCH(vhost-devices): in-flight I/O tracking and ring start.
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn queue_started(&self, queue_index: u16) {
+        self.deref().queue_started(queue_index)
     }
 }
 
@@ -551,6 +616,19 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
+
+    // PATCH(vhost-devices): in-flight I/O tracking and ring start.
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn queue_started(&self, queue_index: u16) {
+        self.lock().unwrap().queue_started(queue_index)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -650,6 +728,19 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.read().unwrap().get_shmem_config()
+    }
+
+    // PATCH(vhost-devices): in-flight I/O tracking and ring start.
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn queue_started(&self, queue_index: u16) {
+        self.write().unwrap().queue_started(queue_index)
     }
 }
 
