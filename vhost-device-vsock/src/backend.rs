@@ -1,8 +1,18 @@
 //! The `VhostUserBackend` of one VM's vsock device: three queues (RX, TX, event) served by
 //! one worker thread, plus the connection muxer's epoll set registered in that thread.
+//!
+//! Interrupts are what an emulated guest pays most for, so TX completions are signalled
+//! lazily: the used entries are published at once (a driver that looks finds them), but the
+//! TX interrupt goes out with the next RX interrupt (QEMU gives the queues one vector, so the
+//! guest takes one interrupt for both), once [`TX_SIGNAL_BATCH`] completions wait, or when a
+//! [`TX_SIGNAL_DELAY`] timer fires, whichever comes first. Linux's driver only frees the
+//! packets of completed TX buffers; it never waits on them while it has ring space, which
+//! the batch bound keeps.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -13,6 +23,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::timerfd::TimerFd;
 
 use vhost_device_common::{queue, ExitEvents, GuestMemoryAtomic};
 
@@ -30,6 +41,12 @@ pub const NUM_QUEUES: usize = 3;
 /// The `handle_event` id of the muxer's epoll set (ids up to `NUM_QUEUES` are taken:
 /// the queues and the exit event).
 pub const MUXER_EVENT: u16 = 4;
+/// The `handle_event` id of the timer that signals TX completions held back.
+pub const TX_TIMER_EVENT: u16 = 5;
+/// TX completions held back at most before the guest is interrupted for them.
+pub const TX_SIGNAL_BATCH: usize = 32;
+/// How long TX completions are held back at most.
+pub const TX_SIGNAL_DELAY: Duration = Duration::from_millis(1);
 /// `VIRTIO_VSOCK_F_SEQPACKET`.
 pub const VIRTIO_VSOCK_F_SEQPACKET: u32 = 1;
 
@@ -37,6 +54,11 @@ struct Inner {
     muxer: Muxer,
     mem: Option<GuestMemoryAtomic>,
     event_idx: bool,
+    /// TX chains put in the used ring whose interrupt is held back.
+    tx_unsignalled: usize,
+    /// Fires [`TX_SIGNAL_DELAY`] after completions were first held back.
+    tx_timer: TimerFd,
+    tx_timer_armed: bool,
 }
 
 /// One VM's vsock backend; cheap to clone (vhost-user-backend wants `Clone`).
@@ -46,6 +68,7 @@ pub struct VsockBackend {
     cid: u64,
     queue_size: usize,
     epoll_fd: i32,
+    timer_fd: i32,
 }
 
 impl std::fmt::Debug for VsockBackend {
@@ -58,23 +81,39 @@ impl std::fmt::Debug for VsockBackend {
 
 impl VsockBackend {
     /// A backend around `muxer` for a guest with this CID.
-    pub fn new(cid: u64, queue_size: usize, muxer: Muxer) -> Self {
+    pub fn new(cid: u64, queue_size: usize, muxer: Muxer) -> io::Result<Self> {
         let epoll_fd = muxer.epoll_fd();
-        VsockBackend {
+        let tx_timer = TimerFd::new()?;
+        // Non-blocking: a timer read after the interrupt already went out finds nothing.
+        nix::fcntl::fcntl(
+            tx_timer.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        let timer_fd = tx_timer.as_raw_fd();
+        Ok(VsockBackend {
             inner: Arc::new(Mutex::new(Inner {
                 muxer,
                 mem: None,
                 event_idx: false,
+                tx_unsignalled: 0,
+                tx_timer,
+                tx_timer_armed: false,
             })),
             cid,
             queue_size,
             epoll_fd,
-        }
+            timer_fd,
+        })
     }
 
     /// The muxer's epoll fd, to register as [`MUXER_EVENT`] in the worker's epoll.
     pub fn muxer_fd(&self) -> i32 {
         self.epoll_fd
+    }
+
+    /// The TX signal timer's fd, to register as [`TX_TIMER_EVENT`] in the worker's epoll.
+    pub fn timer_fd(&self) -> i32 {
+        self.timer_fd
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, Inner>> {
@@ -101,61 +140,96 @@ fn queue_ready(vring: &VringRwLock) -> bool {
 }
 
 impl Inner {
-    /// Handles every TX chain; returns whether any was used (the caller notifies, after
-    /// the RX packets the chains caused are out: the driver waits on those, not on TX).
-    /// A credit update a chain makes due goes out at once, mid-batch, so the driver can
-    /// send again while the rest of the batch is forwarded.
-    fn process_tx(&mut self, tx: &VringRwLock, rx: &VringRwLock) -> io::Result<bool> {
+    /// Handles every TX chain. A credit update a chain makes due goes out at once,
+    /// mid-batch, so the driver can send again while the rest of the batch is forwarded;
+    /// the TX interrupt is held back (see the module doc).
+    fn process_tx(&mut self, tx: &VringRwLock, rx: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = &self.mem else {
-            return Ok(false);
+            return Ok(());
         };
         if !queue_ready(tx) {
-            return Ok(false);
+            return Ok(());
         }
         let mem = atomic.memory();
-        let muxer = &mut self.muxer;
         let event_idx = self.event_idx;
-        let mut used = false;
         let mut rx_failure = None;
         queue::drain(tx, &mem, event_idx, |chain| {
             let head = chain.head_index();
             let descs = chain
                 .clone()
                 .map(|d| (d.addr(), d.len(), d.is_write_only()));
-            muxer.on_tx_chain(&mem, descs);
+            self.muxer.on_tx_chain(&mem, descs);
             if let Err(e) = tx.add_used(head, 0) {
                 warn!("TX add_used failed: {e}");
             }
-            used = true;
-            if muxer.take_urgent() && rx_failure.is_none() {
-                rx_failure = rx_pass(muxer, &mem, rx, event_idx).err();
+            self.tx_unsignalled += 1;
+            if self.muxer.take_urgent() && rx_failure.is_none() {
+                rx_failure = self.rx_pass(&mem, rx, tx).err();
             }
         })
         .map_err(|e| io::Error::other(format!("TX queue: {e}")))?;
-        match rx_failure {
-            Some(e) => Err(e),
-            None => Ok(used),
+        if let Some(e) = rx_failure {
+            return Err(e);
         }
+        if self.tx_unsignalled >= TX_SIGNAL_BATCH {
+            self.signal_tx(tx)?;
+        } else if self.tx_unsignalled > 0 && !self.tx_timer_armed {
+            self.tx_timer.reset(TX_SIGNAL_DELAY, None)?;
+            self.tx_timer_armed = true;
+        }
+        Ok(())
     }
 
-    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_rx(&mut self, rx: &VringRwLock, tx: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = &self.mem else {
             return Ok(());
         };
         let mem = atomic.memory();
-        rx_pass(&mut self.muxer, &mem, vring, self.event_idx)
+        self.rx_pass(&mem, rx, tx)
+    }
+
+    /// Interrupts the guest for the TX completions held back, if it asked for them.
+    fn signal_tx(&mut self, tx: &VringRwLock) -> io::Result<()> {
+        if std::mem::take(&mut self.tx_unsignalled) > 0 {
+            queue::notify(tx)?;
+        }
+        Ok(())
+    }
+
+    /// The timer fired: whatever TX completions still wait are signalled now.
+    fn tx_timer_fired(&mut self, tx: &VringRwLock) -> io::Result<()> {
+        // Non-blocking: a timer whose expiry was already consumed reads EAGAIN.
+        let _ = self.tx_timer.wait();
+        self.tx_timer_armed = false;
+        self.signal_tx(tx)
+    }
+
+    /// Fills RX buffers with whatever the muxer has for the guest, and notifies (with the
+    /// TX completions held back riding along).
+    fn rx_pass(
+        &mut self,
+        mem: &queue::Memory,
+        rx: &VringRwLock,
+        tx: &VringRwLock,
+    ) -> io::Result<()> {
+        if rx_fill(&mut self.muxer, mem, rx, self.event_idx)? {
+            queue::notify(rx)?;
+            self.signal_tx(tx)?;
+        }
+        Ok(())
     }
 }
 
-/// Fills RX buffers with whatever the muxer has for the guest, and notifies.
-fn rx_pass(
+/// Fills RX buffers with whatever the muxer has for the guest; returns whether any was
+/// used (the caller notifies).
+fn rx_fill(
     muxer: &mut Muxer,
     mem: &queue::Memory,
     vring: &VringRwLock,
     event_idx: bool,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     if !queue_ready(vring) {
-        return Ok(());
+        return Ok(false);
     }
     let mut used = false;
     while muxer.has_rx_work() || {
@@ -203,10 +277,7 @@ fn rx_pass(
         }
         used = true;
     }
-    if used {
-        queue::notify(vring)?;
-    }
-    Ok(())
+    Ok(used)
 }
 
 impl VhostUserBackend for VsockBackend {
@@ -287,19 +358,17 @@ impl VhostUserBackend for VsockBackend {
         };
         let mut inner = self.lock()?;
         match device_event {
-            RX_QUEUE => inner.process_rx(rx)?,
+            RX_QUEUE => inner.process_rx(rx, tx)?,
             TX_QUEUE => {
-                let used = inner.process_tx(tx, rx)?;
-                inner.process_rx(rx)?;
-                if used {
-                    queue::notify(tx)?;
-                }
+                inner.process_tx(tx, rx)?;
+                inner.process_rx(rx, tx)?;
             }
             EVENT_QUEUE => {}
             MUXER_EVENT => {
                 inner.muxer.poll_host();
-                inner.process_rx(rx)?;
+                inner.process_rx(rx, tx)?;
             }
+            TX_TIMER_EVENT => inner.tx_timer_fired(tx)?,
             other => warn!("unexpected event {other}"),
         }
         Ok(())

@@ -490,6 +490,12 @@ impl Connection {
         if self.state != State::Established || !self.wants_read() {
             return Ok(None);
         }
+        // Only read a socket that epoll reported (a credit update would otherwise cost a
+        // read(2) that returns EAGAIN, once per packet of a guest->host stream).
+        let staged = !self.early.is_empty() || self.stage_off < self.stage.len();
+        if !staged && !self.readable && !self.hung_up {
+            return Ok(None);
+        }
         let room = buf.payload_capacity().min(self.peer_credit() as usize);
         if room == 0 {
             return Ok(None);

@@ -9,7 +9,7 @@ use vhost_device_common::Device;
 use vhost_user_backend::VringEpollHandler;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{VsockBackend, MUXER_EVENT};
+use crate::backend::{VsockBackend, MUXER_EVENT, TX_TIMER_EVENT};
 use crate::config::VmConfig;
 use crate::muxer::{self, Muxer, Settings};
 use crate::sibling::{Inbox, Registry};
@@ -112,7 +112,7 @@ impl Device for VsockDevice {
             self.config.guest_cid,
             self.config.queue_size,
             muxer,
-        ))
+        )?)
     }
 
     fn attach(
@@ -122,6 +122,7 @@ impl Device for VsockDevice {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let handler = handlers.first().ok_or("no worker thread")?;
         handler.register_listener(backend.muxer_fd(), EventSet::IN, u64::from(MUXER_EVENT))?;
+        handler.register_listener(backend.timer_fd(), EventSet::IN, u64::from(TX_TIMER_EVENT))?;
         Ok(())
     }
 

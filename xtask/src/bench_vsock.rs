@@ -12,10 +12,12 @@
 //! Both daemons are started with the same arguments (`--guest-cid`, the vhost-user socket,
 //! `--uds-path`, and the same `--tx-buffer-size`: the peer's default 65536, or
 //! `VSOCK_BENCH_TX_BUFFER`). `VSOCK_BENCH_TX_PKT` sets the synthetic driver's TX packet
-//! size (default 64 KiB); `VSOCK_BENCH_LOG=DIR` keeps the daemons' debug logs.
+//! size (default 64 KiB); `VSOCK_BENCH_LOG=DIR` keeps the daemons' debug logs;
+//! `VSOCK_BENCH_WRAP="valgrind --tool=callgrind"` starts our daemon under that command (to
+//! profile it: instruction counts are steady where wall time on a shared machine is not).
 //! Options: `--quick` (smaller sizes, one round), `--synthetic-only`, `--guest-only`,
-//! `--mib N` (synthetic transfer size). Each figure is the median of three rounds that
-//! alternate which daemon goes first.
+//! `--ours-only` (no peer: for profiling), `--mib N` (synthetic transfer size). Each
+//! figure is the median of three rounds that alternate which daemon goes first.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -81,6 +83,27 @@ pub fn run(args: &[String]) -> Result<()> {
         socket_flag: "--socket",
     };
     let rounds = if quick { 1 } else { 3 };
+    if args.iter().any(|a| a == "--ours-only") {
+        let conns = if quick { 200 } else { 1000 };
+        eprintln!(
+            "bench vsock: ours only, synthetic frontend, {mib} MiB per direction, \
+             one daemon per workload (guest->host, host->guest, connections)"
+        );
+        let d = Running::start(&ours)?;
+        let (g2h, g2h_cpu) = synthetic_g2h(&d, mib)?;
+        d.stop();
+        let d = Running::start(&ours)?;
+        let (h2g, h2g_cpu) = synthetic_h2g(&d, mib)?;
+        d.stop();
+        let d = Running::start(&ours)?;
+        let conns_per_s = synthetic_conns(&d, conns)?;
+        d.stop();
+        eprintln!(
+            "  ours: guest->host {g2h:.1} MiB/s ({g2h_cpu:.2} ms CPU/MiB), host->guest \
+             {h2g:.1} MiB/s ({h2g_cpu:.2} ms CPU/MiB), {conns_per_s:.0} conn/s"
+        );
+        return Ok(());
+    }
     if synthetic {
         let conns = if quick { 200 } else { 1000 };
         eprintln!(
@@ -170,7 +193,16 @@ impl Running {
     fn start(s: &Subject) -> Result<Self> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let sock = dir.path().join("vhost.sock");
-        let mut cmd = Command::new(&s.binary);
+        let wrap = std::env::var("VSOCK_BENCH_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let mut cmd = match wrap.next() {
+            Some(program) if s.name == "ours" => {
+                let mut c = Command::new(program);
+                c.args(wrap).arg(&s.binary);
+                c
+            }
+            _ => Command::new(&s.binary),
+        };
         cmd.args(["--guest-cid", "3", s.socket_flag])
             .arg(&sock)
             .arg("--uds-path")
@@ -210,6 +242,11 @@ impl Running {
 
     fn uds(&self) -> PathBuf {
         self.dir.path().join("vm.vsock")
+    }
+
+    /// Stops the daemon with SIGTERM (so a profiler it runs under writes its output).
+    fn stop(mut self) {
+        self.guard.terminate(Duration::from_secs(10));
     }
 
     /// User plus system CPU time of the daemon so far.
