@@ -44,7 +44,11 @@ pub struct Args {
 }
 
 /// The command line used when `--cmdline` is not given.
+#[cfg(not(target_arch = "aarch64"))]
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// The command line used when `--cmdline` is not given (the PL011 is ttyAMA0).
+#[cfg(target_arch = "aarch64")]
+pub const DEFAULT_CMDLINE: &str = "console=ttyAMA0 panic=-1";
 
 /// Smallest guest memory accepted: below this the kernel cannot even unpack itself.
 pub const MIN_MEMORY: u64 = 64 << 20;

@@ -5,7 +5,10 @@
 //! ACPI, vCPU registers), `vcpu` (threads and exit dispatch), `bus` (port and MMIO ranges),
 //! `devices` (serial, i8042, ACPI power management), `pci` (bus 0, configuration space,
 //! MSI-X), `virtio_pci` (the modern transport), `vhost_user` (the daemon behind each
-//! function), `vm_ops` (the KVM operations devices use) and `vmm` (assembly and run).
+//! function), `virtio_mmio` (the aarch64 transport: device-tree nodes, one SPI per
+//! device), `vm_ops` (the KVM operations devices use) and `vmm` (assembly and run).
+//!
+//! On aarch64 the devices are virtio-mmio, not virtio-pci: see `arch::aarch64` for why.
 
 #![warn(missing_docs)]
 
@@ -17,6 +20,7 @@ pub mod memory;
 pub mod pci;
 pub mod vcpu;
 pub mod vhost_user;
+pub mod virtio_mmio;
 pub mod virtio_pci;
 pub mod vm_ops;
 pub mod vmm;

@@ -21,6 +21,11 @@ pub trait VmOps: Send + Sync {
     fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
     /// Undoes `register_ioevent`.
     fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+    /// Makes guest 32-bit writes of `value` to MMIO `addr` signal `fd` without a VM exit
+    /// (virtio-mmio's one `QueueNotify` register, one queue index per eventfd).
+    fn register_ioevent_datamatch(&self, fd: &EventFd, addr: u64, value: u32) -> io::Result<()>;
+    /// Undoes `register_ioevent_datamatch`.
+    fn unregister_ioevent_datamatch(&self, fd: &EventFd, addr: u64, value: u32) -> io::Result<()>;
     /// A fresh GSI for an MSI route, or None when they ran out.
     fn allocate_gsi(&self) -> Option<u32>;
     /// Sets (or with None removes) the MSI route of `gsi`.
@@ -131,6 +136,18 @@ impl VmOps for KvmVmOps {
             .map_err(kvm_err)
     }
 
+    fn register_ioevent_datamatch(&self, fd: &EventFd, addr: u64, value: u32) -> io::Result<()> {
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), value)
+            .map_err(kvm_err)
+    }
+
+    fn unregister_ioevent_datamatch(&self, fd: &EventFd, addr: u64, value: u32) -> io::Result<()> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), value)
+            .map_err(kvm_err)
+    }
+
     fn allocate_gsi(&self) -> Option<u32> {
         let gsi = self.next_gsi.fetch_add(1, Ordering::Relaxed);
         (gsi < 4096).then_some(gsi)
@@ -167,6 +184,8 @@ pub struct FakeVmOps {
     pub routes: Mutex<BTreeMap<u32, MsiMessage>>,
     /// GSIs with an irqfd.
     pub irqfds: Mutex<Vec<u32>>,
+    /// Registered (address, datamatch) ioeventfds.
+    pub datamatch: Mutex<Vec<(u64, u32)>>,
     next: AtomicU32,
 }
 
@@ -178,6 +197,17 @@ impl VmOps for FakeVmOps {
     }
     fn unregister_ioevent(&self, _fd: &EventFd, addr: u64) -> io::Result<()> {
         self.ioevents.lock().expect("lock").retain(|a| *a != addr);
+        Ok(())
+    }
+    fn register_ioevent_datamatch(&self, _fd: &EventFd, addr: u64, value: u32) -> io::Result<()> {
+        self.datamatch.lock().expect("lock").push((addr, value));
+        Ok(())
+    }
+    fn unregister_ioevent_datamatch(&self, _fd: &EventFd, addr: u64, value: u32) -> io::Result<()> {
+        self.datamatch
+            .lock()
+            .expect("lock")
+            .retain(|e| *e != (addr, value));
         Ok(())
     }
     fn allocate_gsi(&self) -> Option<u32> {

@@ -4,7 +4,9 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::RawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(target_arch = "x86_64")]
+use std::sync::Mutex;
 use std::time::Duration;
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -15,10 +17,13 @@ use crate::arch::current as arch;
 use crate::bus::{Bus, BusError};
 use crate::config::{Config, SerialMode};
 use crate::devices::{ExitReason, ExitSignal};
+#[cfg(target_arch = "x86_64")]
 use crate::pci::PciRoot;
 use crate::vcpu::{self, Buses};
 use crate::vhost_user::{VhostUserDevice, VhostUserError};
-use crate::virtio_pci::{VirtioPciDevice, VirtioPciError, BAR_SIZE};
+use crate::virtio_pci::VirtioPciError;
+#[cfg(target_arch = "x86_64")]
+use crate::virtio_pci::{VirtioPciDevice, BAR_SIZE};
 use crate::vm_ops::{KvmVmOps, VmOps};
 
 /// A failure that ends the VMM, worded for the user.
@@ -42,6 +47,9 @@ pub enum VmmError {
     /// A virtio-pci function could not be built.
     #[error("device {0}")]
     VirtioPci(String, #[source] VirtioPciError),
+    /// A virtio-mmio device could not be built (aarch64).
+    #[error("device {0}")]
+    VirtioMmio(String, #[source] crate::virtio_mmio::VirtioMmioError),
     /// PCI bus set-up failed.
     #[error(transparent)]
     Pci(#[from] crate::pci::PciError),
@@ -113,7 +121,9 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
         kvm.create_vm()
             .map_err(|e| VmmError::KvmIoctl("CREATE_VM", e))?,
     );
-    arch::setup_vm(&vm)?;
+    // `()` on x86_64, the in-kernel GIC on aarch64.
+    #[allow(clippy::let_unit_value)]
+    let arch_vm = arch::setup_vm(&vm)?;
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -132,7 +142,19 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
             .map_err(|e| VmmError::KvmIoctl("SET_USER_MEMORY_REGION", e))?;
     }
 
-    let entry = arch::load_guest(&mem, config)?;
+    let entry = arch::load_guest(&mem, config, &arch_vm)?;
+
+    // Every vCPU exists before any interrupt is wired: on aarch64 the vGIC is initialised
+    // once all vCPUs are created, and KVM accepts irqfds only after that.
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmmError::KvmIoctl("CREATE_VCPU", e))?;
+        arch::configure_vcpu(&kvm, &vm, &fd, id, config.cpus, entry)?;
+        vcpus.push(fd);
+    }
+    arch::finish_vcpus(&arch_vm)?;
 
     let ops = Arc::new(KvmVmOps::new(
         vm.clone(),
@@ -151,15 +173,13 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
         crate::devices::serial::spawn_stdin_reader(serial).map_err(VmmError::Thread)?;
     }
 
+    #[cfg(target_arch = "x86_64")]
     let root = Arc::new(Mutex::new(PciRoot::new(buses.mmio.clone())));
+    #[cfg(target_arch = "x86_64")]
     let (pci_start, pci_size) = arch::PCI_MMIO;
     let mut watched = Vec::new();
     let mut counts = std::collections::HashMap::new();
     for (i, (cfg, backend)) in backends.into_iter().enumerate() {
-        let bar = pci_start + i as u64 * BAR_SIZE;
-        if bar + BAR_SIZE > pci_start + pci_size {
-            return Err(VmmError::NoBarSpace);
-        }
         let n = counts.entry(cfg.kind.name()).or_insert(0);
         let name = format!("{}{}", cfg.kind.name(), n);
         *n += 1;
@@ -172,23 +192,42 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
                 cfg.socket.display()
             ),
         });
-        let bar32 = u32::try_from(bar).map_err(|_| VmmError::NoBarSpace)?;
-        let dev = VirtioPciDevice::new(
-            name.clone(),
-            Box::new(backend),
-            ops.clone() as Arc<dyn VmOps>,
-            bar32,
-        )
-        .map_err(|e| VmmError::VirtioPci(name.clone(), e))?;
-        let dev = Arc::new(Mutex::new(dev));
-        let slot = root
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .add(dev.clone(), dev, &[(bar, BAR_SIZE)])?;
-        log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}");
+        #[cfg(target_arch = "aarch64")]
+        {
+            let addr = arch::add_virtio_device(
+                &buses,
+                i,
+                &name,
+                Box::new(backend),
+                ops.clone() as Arc<dyn VmOps>,
+            )?;
+            log::info!("{name}: virtio-mmio at {addr:#x}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bar = pci_start + i as u64 * BAR_SIZE;
+            if bar + BAR_SIZE > pci_start + pci_size {
+                return Err(VmmError::NoBarSpace);
+            }
+            let bar32 = u32::try_from(bar).map_err(|_| VmmError::NoBarSpace)?;
+            let dev = VirtioPciDevice::new(
+                name.clone(),
+                Box::new(backend),
+                ops.clone() as Arc<dyn VmOps>,
+                bar32,
+            )
+            .map_err(|e| VmmError::VirtioPci(name.clone(), e))?;
+            let dev = Arc::new(Mutex::new(dev));
+            let slot = root
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .add(dev.clone(), dev, &[(bar, BAR_SIZE)])?;
+            log::info!("{name}: PCI 00:{slot:02x}.0, BAR0 {bar:#x}");
+        }
     }
-    let (cfg_port, cfg_len) = arch::PCI_CONFIG_PORTS;
-    if cfg_len > 0 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (cfg_port, cfg_len) = arch::PCI_CONFIG_PORTS;
         buses
             .io
             .insert(root, cfg_port, cfg_len)
@@ -197,11 +236,7 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
 
     vcpu::install_kick_handler().map_err(VmmError::Thread)?;
     let mut handles = Vec::new();
-    for id in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmmError::KvmIoctl("CREATE_VCPU", e))?;
-        arch::configure_vcpu(&kvm, &fd, id, config.cpus, entry)?;
+    for (id, fd) in (0..config.cpus).zip(vcpus) {
         handles.push(vcpu::spawn(id, fd, buses.clone(), exit.clone()).map_err(VmmError::Thread)?);
     }
 

@@ -38,9 +38,16 @@ impl SerialDevice {
             inner: Serial::new(IrqTrigger(irq), out),
         }
     }
+}
 
+/// A UART that takes the user's typing (the 16550 here, the PL011 on aarch64).
+pub trait SerialInput: Send {
     /// Feeds bytes typed by the user to the guest; returns how many were taken.
-    pub fn input(&mut self, bytes: &[u8]) -> usize {
+    fn input(&mut self, bytes: &[u8]) -> usize;
+}
+
+impl SerialInput for SerialDevice {
+    fn input(&mut self, bytes: &[u8]) -> usize {
         self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
@@ -68,7 +75,7 @@ impl BusDevice for SerialDevice {
 
 /// Starts a thread that copies the VMM's stdin into the guest's serial input. It ends at
 /// end of input; it is not joined (a blocked read of stdin cannot be interrupted).
-pub fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<()> {
+pub fn spawn_stdin_reader(serial: Arc<Mutex<dyn SerialInput>>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {

@@ -34,8 +34,11 @@ pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
     layout::ram_ranges(memory)
 }
 
+/// The VM-wide state `setup_vm` returns (none on x86_64).
+pub type ArchVm = ();
+
 /// VM-wide set-up before vCPUs exist: TSS, identity map, irqchip, PIT.
-pub fn setup_vm(vm: &VmFd) -> Result<(), ArchError> {
+pub fn setup_vm(vm: &VmFd) -> Result<ArchVm, ArchError> {
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDRESS).unwrap_or(usize::MAX))
         .map_err(|e| ArchError::Kvm("SET_TSS_ADDR", e))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
@@ -74,7 +77,7 @@ pub const FIRST_MSI_GSI: u32 = layout::IOAPIC_PINS;
 
 /// Loads kernel, initramfs and command line, writes ACPI tables, zero page and page tables;
 /// returns the kernel entry point.
-pub fn load_guest(mem: &GuestMemory, config: &Config) -> Result<u64, ArchError> {
+pub fn load_guest(mem: &GuestMemory, config: &Config, _vm: &ArchVm) -> Result<u64, ArchError> {
     let kernel = boot::load_kernel(mem, &config.kernel)?;
     let initramfs = match &config.initramfs {
         Some(p) => Some(boot::load_initramfs(
@@ -105,12 +108,18 @@ pub const PCI_MMIO: (u64, u64) = (layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE)
 /// Sets up vCPU `id` of `count` to start at `entry`.
 pub fn configure_vcpu(
     kvm: &kvm_ioctls::Kvm,
+    _vm: &VmFd,
     vcpu: &kvm_ioctls::VcpuFd,
     id: u8,
     count: u8,
     entry: u64,
 ) -> Result<(), ArchError> {
     Ok(cpu::configure(kvm, vcpu, id, count, entry)?)
+}
+
+/// After every vCPU exists, before any runs: nothing to do on x86_64.
+pub fn finish_vcpus(_vm: &ArchVm) -> Result<(), ArchError> {
+    Ok(())
 }
 
 /// Puts the legacy devices on the buses: COM1 (its IRQ an irqfd on GSI 4), the i8042 and
