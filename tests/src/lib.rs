@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod aarch64;
 pub mod cpio;
 pub mod frontend;
 pub mod guest;

@@ -80,8 +80,8 @@ pub fn vmm_or_skip(test: &str) -> Option<Vmm> {
 impl Vmm {
     /// The `vmm-frontend` arguments for `spec`, with the kernel and initramfs at the given
     /// paths.
-    fn vmm_args(spec: &GuestSpec, kernel: &str, initrd: &str) -> Vec<String> {
-        let mut cmdline = format!("console=ttyS0 quiet panic=-1 e2e.tag={GUEST_TAG}");
+    fn vmm_args(spec: &GuestSpec, kernel: &str, initrd: &str, console: &str) -> Vec<String> {
+        let mut cmdline = format!("console={console} quiet panic=-1 e2e.tag={GUEST_TAG}");
         for a in &spec.kernel_args {
             cmdline.push(' ');
             cmdline.push_str(a);
@@ -127,13 +127,15 @@ impl Vmm {
                 spec,
                 &paths::kernel().display().to_string(),
                 &initrd.display().to_string(),
+                "ttyS0",
             ));
             Ok(cmd)
         })
     }
 
     /// The shell L2 runs: load KVM, set up, start the daemons, run vmm-frontend, check.
-    fn l2_script(spec: &GuestSpec) -> String {
+    /// `console` is the L3 kernel's console device.
+    fn l2_script(spec: &GuestSpec, console: &str) -> String {
         let mut s = String::from(
             "KVER=$(uname -r)\n\
              for m in $(cat /etc/e2e/modules.kvm); do insmod /lib/modules/$KVER/$m 2>/dev/null; done\n\
@@ -178,7 +180,7 @@ impl Vmm {
                 shell_quote(script)
             );
         }
-        let vmm: Vec<String> = Self::vmm_args(spec, "/l3/vmlinuz", "/l3/initrd.gz")
+        let vmm: Vec<String> = Self::vmm_args(spec, "/l3/vmlinuz", "/l3/initrd.gz", console)
             .iter()
             .map(|a| shell_quote(a))
             .collect();
@@ -209,94 +211,149 @@ impl Vmm {
     }
 
     fn run_nested(&self, spec: &GuestSpec, qemu: &Path) -> Result<GuestRun, Error> {
-        let started = Instant::now();
-        let work = tempfile::tempdir().map_err(|e| Error::Setup(e.to_string()))?;
-        // L3: the test's own guest.
-        let l3_extra = spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
-        let mut l3_initrd =
-            std::fs::read(paths::initrd()).map_err(|e| Error::Setup(e.to_string()))?;
-        l3_initrd.extend_from_slice(&l3_extra);
-        let kernel = std::fs::read(paths::kernel()).map_err(|e| Error::Setup(e.to_string()))?;
-
-        // L2: the binaries, the L3 image, and the script.
-        let mut binaries = vec!["vmm-frontend".to_string()];
-        for dev in &spec.devices {
-            if let Some(d) = &dev.daemon {
-                if !binaries.contains(&d.binary) {
-                    binaries.push(d.binary.clone());
-                }
-            }
-        }
-        let mut a = Archive::new();
-        let mut made = std::collections::BTreeSet::new();
-        for d in ["l3", "usr", "usr/bin", "e2e"] {
-            made.insert(d.to_string());
-        }
-        a.dir("l3");
-        a.file("l3/vmlinuz", 0o644, &kernel);
-        a.file("l3/initrd.gz", 0o644, &l3_initrd);
-        for b in &binaries {
-            let body = stripped(&paths::bin_path(b), work.path()).map_err(Error::Setup)?;
-            a.file(&format!("usr/bin/{b}"), 0o755, &body);
-            for lib in libraries(&paths::bin_path(b)) {
-                let dest = lib.display().to_string();
-                if let Ok(body) = std::fs::read(&lib) {
-                    a.dirs_for(&dest, &mut made);
-                    a.file(&dest, 0o755, &body);
-                }
-            }
-        }
-        let l2_spec = GuestSpec::new(&Self::l2_script(spec));
-        let l2_cmd = l2_spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
-        let l2_files = a.finish_gz().map_err(|e| Error::Setup(e.to_string()))?;
-        let l2_initrd = work.path().join("l2-initrd.gz");
-        compose_initrd(&paths::initrd(), &[&l2_files, &l2_cmd], &l2_initrd)
-            .map_err(|e| Error::Setup(format!("cannot write the L2 initramfs: {e}")))?;
-
-        let mut cmd = l2_command(qemu, &l2_initrd);
-        cmd.args([
-            "-append",
-            &format!("console=ttyS0 quiet panic=-1 e2e.tag={L2_TAG}"),
-        ]);
-        let watch = Watch {
-            launcher: self.describe(),
-            tag: L2_TAG.to_string(),
+        let platform = Platform {
+            kernel: paths::kernel(),
+            initrd: paths::initrd(),
+            bin_dir: paths::bin_dir(),
+            objcopy: "objcopy",
+            copy_libraries: true,
+            console: "ttyS0",
+            qemu: qemu.to_path_buf(),
+            l2_command,
             boot_timeout: Duration::from_secs(90),
-            // L3 boots in about 10 s under nested KVM; the rest is the test's own time.
-            command_timeout: spec.timeout + Duration::from_secs(90),
-            echo: std::env::var_os("E2E_VERBOSE").is_some(),
         };
-        let watched = watch_vm(cmd, &watch)?;
-        let l2_out = watched.output;
-        let (l3_init, output, exit_code) = parse_markers(&l2_out, GUEST_TAG);
-        if l2_out.contains("e2e-nested:") {
-            return Err(Error::Setup(format!(
-                "the L2 guest could not run vmm-frontend:\n{l2_out}"
-            )));
-        }
-        if !l3_init {
-            return Err(Error::NoBoot {
-                launcher: self.describe(),
-                secs: watch.command_timeout.as_secs(),
-                console: watched.console,
-            });
-        }
-        let host_output = l2_out
-            .split("@@E2E-HOST-BEGIN@@\n")
-            .nth(1)
-            .and_then(|t| t.split("@@E2E-HOST-END@@").next())
-            .unwrap_or("")
-            .to_string();
-        Ok(GuestRun {
-            output: output.unwrap_or_default(),
-            exit_code,
-            console: watched.console,
-            host_output,
-            launcher: self.describe(),
-            duration: started.elapsed(),
-            retried: false,
-        })
+        run_nested_on(spec, &platform, &self.describe())
     }
+}
+
+/// What differs between the x86_64 nesting (q35 with nested SVM) and the arm64 one (`virt`
+/// with EL2): the image, where the binaries are, and how L2 is started.
+#[derive(Debug, Clone)]
+pub(crate) struct Platform {
+    /// The kernel of L2 and L3.
+    pub kernel: PathBuf,
+    /// The base initramfs of L2 and L3.
+    pub initrd: PathBuf,
+    /// Where the project's binaries for this architecture are.
+    pub bin_dir: PathBuf,
+    /// The `objcopy` that reads those binaries.
+    pub objcopy: &'static str,
+    /// Whether to copy the binaries' shared libraries (`ldd`); static binaries need none.
+    pub copy_libraries: bool,
+    /// The kernel's serial console device.
+    pub console: &'static str,
+    /// The QEMU binary of L2.
+    pub qemu: PathBuf,
+    /// L2's QEMU command line for (QEMU, kernel, initramfs), without `-append`.
+    pub l2_command: fn(&Path, &Path, &Path) -> Command,
+    /// Time allowed for L2 to reach its init.
+    pub boot_timeout: Duration,
+}
+
+/// Runs `spec` under `vmm-frontend` inside an L2 guest of `platform`.
+pub(crate) fn run_nested_on(
+    spec: &GuestSpec,
+    platform: &Platform,
+    launcher: &str,
+) -> Result<GuestRun, Error> {
+    let started = Instant::now();
+    let work = tempfile::tempdir().map_err(|e| Error::Setup(e.to_string()))?;
+    // L3: the test's own guest.
+    let l3_extra = spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
+    let mut l3_initrd = std::fs::read(&platform.initrd).map_err(|e| Error::Setup(e.to_string()))?;
+    l3_initrd.extend_from_slice(&l3_extra);
+    let kernel = std::fs::read(&platform.kernel).map_err(|e| Error::Setup(e.to_string()))?;
+
+    // L2: the binaries, the L3 image, and the script.
+    let mut binaries = vec!["vmm-frontend".to_string()];
+    for dev in &spec.devices {
+        if let Some(d) = &dev.daemon {
+            if !binaries.contains(&d.binary) {
+                binaries.push(d.binary.clone());
+            }
+        }
+    }
+    let mut a = Archive::new();
+    let mut made = std::collections::BTreeSet::new();
+    for d in ["l3", "usr", "usr/bin", "e2e"] {
+        made.insert(d.to_string());
+    }
+    a.dir("l3");
+    a.file("l3/vmlinuz", 0o644, &kernel);
+    a.file("l3/initrd.gz", 0o644, &l3_initrd);
+    for b in &binaries {
+        let path = platform.bin_dir.join(b);
+        if !path.exists() {
+            return Err(Error::Setup(format!("{} is not built", path.display())));
+        }
+        let body = stripped_with(platform.objcopy, &path, work.path()).map_err(Error::Setup)?;
+        a.file(&format!("usr/bin/{b}"), 0o755, &body);
+        let libs = if platform.copy_libraries {
+            libraries(&path)
+        } else {
+            Vec::new()
+        };
+        for lib in libs {
+            let dest = lib.display().to_string();
+            if let Ok(body) = std::fs::read(&lib) {
+                a.dirs_for(&dest, &mut made);
+                a.file(&dest, 0o755, &body);
+            }
+        }
+    }
+    let l2_spec = GuestSpec::new(&Vmm::l2_script(spec, platform.console));
+    let l2_cmd = l2_spec.archive().map_err(|e| Error::Setup(e.to_string()))?;
+    let l2_files = a.finish_gz().map_err(|e| Error::Setup(e.to_string()))?;
+    let l2_initrd = work.path().join("l2-initrd.gz");
+    compose_initrd(&platform.initrd, &[&l2_files, &l2_cmd], &l2_initrd)
+        .map_err(|e| Error::Setup(format!("cannot write the L2 initramfs: {e}")))?;
+
+    let mut cmd = (platform.l2_command)(&platform.qemu, &platform.kernel, &l2_initrd);
+    cmd.args([
+        "-append",
+        &format!(
+            "console={} quiet panic=-1 e2e.tag={L2_TAG}",
+            platform.console
+        ),
+    ]);
+    let watch = Watch {
+        launcher: launcher.to_string(),
+        tag: L2_TAG.to_string(),
+        boot_timeout: platform.boot_timeout,
+        // L3 boots in about 10 s under nested KVM; the rest is the test's own time.
+        command_timeout: spec.timeout + Duration::from_secs(90),
+        echo: std::env::var_os("E2E_VERBOSE").is_some(),
+    };
+    let watched = watch_vm(cmd, &watch)?;
+    let l2_out = watched.output;
+    let (l3_init, output, exit_code) = parse_markers(&l2_out, GUEST_TAG);
+    if l2_out.contains("e2e-nested:") {
+        return Err(Error::Setup(format!(
+            "the L2 guest could not run vmm-frontend:\n{l2_out}"
+        )));
+    }
+    if !l3_init {
+        return Err(Error::NoBoot {
+            launcher: launcher.to_string(),
+            secs: watch.command_timeout.as_secs(),
+            console: watched.console,
+        });
+    }
+    let host_output = l2_out
+        .split("@@E2E-HOST-BEGIN@@\n")
+        .nth(1)
+        .and_then(|t| t.split("@@E2E-HOST-END@@").next())
+        .unwrap_or("")
+        .to_string();
+    Ok(GuestRun {
+        output: output.unwrap_or_default(),
+        exit_code,
+        console: watched.console,
+        host_output,
+        launcher: launcher.to_string(),
+        duration: started.elapsed(),
+        retried: false,
+    })
 }
 
 /// Boots the L2 guest alone and runs `command` there after loading the kvm modules: the
@@ -324,7 +381,7 @@ pub fn run_l2_spec(spec: &GuestSpec) -> Result<GuestRun, Error> {
     let initrd = work.path().join("l2-initrd.gz");
     compose_initrd(&paths::initrd(), &[&extra], &initrd)
         .map_err(|e| Error::Setup(e.to_string()))?;
-    let mut cmd = l2_command(&qemu, &initrd);
+    let mut cmd = l2_command(&qemu, &paths::kernel(), &initrd);
     cmd.args([
         "-append",
         &format!("console=ttyS0 quiet panic=-1 e2e.tag={L2_TAG}"),
@@ -350,7 +407,7 @@ pub fn run_l2_spec(spec: &GuestSpec) -> Result<GuestRun, Error> {
 
 /// The QEMU command line of an L2 guest: one vCPU, multi-threaded TCG, `-cpu max` (which
 /// emulates SVM with nested paging), 3 GiB.
-fn l2_command(qemu: &Path, initrd: &Path) -> Command {
+fn l2_command(qemu: &Path, kernel: &Path, initrd: &Path) -> Command {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-machine",
@@ -373,7 +430,7 @@ fn l2_command(qemu: &Path, initrd: &Path) -> Command {
         "none",
         "-no-reboot",
     ]);
-    cmd.arg("-kernel").arg(paths::kernel());
+    cmd.arg("-kernel").arg(kernel);
     cmd.arg("-initrd").arg(initrd);
     cmd
 }
@@ -381,9 +438,14 @@ fn l2_command(qemu: &Path, initrd: &Path) -> Command {
 /// A copy of `binary` without debug info (debug builds are large; L2 unpacks them under
 /// emulation), or the binary itself if `objcopy` is missing.
 pub fn stripped(binary: &Path, work: &Path) -> Result<Vec<u8>, String> {
+    stripped_with("objcopy", binary, work)
+}
+
+/// [`stripped`] with another architecture's `objcopy` (`aarch64-linux-gnu-objcopy`).
+pub fn stripped_with(objcopy: &str, binary: &Path, work: &Path) -> Result<Vec<u8>, String> {
     let name = binary.file_name().unwrap_or_default();
     let out = work.join(name);
-    let ok = Command::new("objcopy")
+    let ok = Command::new(objcopy)
         .arg("--strip-debug")
         .arg(binary)
         .arg(&out)
@@ -456,7 +518,7 @@ mod tests {
             .device(Device::net(Path::new("/tmp/n.sock")).mac("52:54:00:00:00:01"))
             .device(Device::vsock(Path::new("/tmp/v.sock"), 5))
             .device(Device::console(Path::new("/tmp/c.sock")));
-        let args = Vmm::vmm_args(&spec, "/k", "/i").join(" ");
+        let args = Vmm::vmm_args(&spec, "/k", "/i", "ttyS0").join(" ");
         assert!(
             args.starts_with("--kernel /k --initramfs /i --cmdline console=ttyS0"),
             "{args}"
@@ -483,7 +545,7 @@ mod tests {
                 "vhost-device-blk",
                 &["--socket-path", "{socket}", "--serial", "it's"],
             ));
-        let s = Vmm::l2_script(&spec);
+        let s = Vmm::l2_script(&spec, "ttyS0");
         assert!(
             s.contains(
                 "/usr/bin/vhost-device-blk '--socket-path' '/tmp/b.sock' '--serial' 'it'\\''s'"

@@ -79,16 +79,17 @@ fn guest_dir() -> PathBuf {
     e2e::paths::guest_dir()
 }
 
-/// Resolves the real kernel package behind `linux-image-cloud-amd64` and its version.
-fn kernel_package() -> Result<(String, String)> {
+/// Resolves the real kernel package behind `meta` (`linux-image-cloud-amd64`, or
+/// `linux-image-cloud-arm64:arm64`) and its version.
+pub(crate) fn kernel_package(meta: &str) -> Result<(String, String)> {
     let resolve = || -> Result<(String, String)> {
-        let deps = output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+        let deps = output(Command::new("apt-cache").args(["depends", meta]))?;
         let pkg = deps
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends:"))
             .map(str::trim)
             .find(|p| p.starts_with("linux-image-"))
-            .ok_or("apt-cache shows no kernel package behind linux-image-cloud-amd64")?
+            .ok_or_else(|| format!("apt-cache shows no kernel package behind {meta}"))?
             .to_string();
         let policy = output(Command::new("apt-cache").args(["policy", &pkg]))?;
         let version = policy
@@ -110,7 +111,8 @@ fn kernel_package() -> Result<(String, String)> {
 
 /// The kernel release inside the package name: `linux-image-6.1.0-48-cloud-amd64` →
 /// `6.1.0-48-cloud-amd64`.
-fn kernel_release(pkg: &str) -> String {
+pub(crate) fn kernel_release(pkg: &str) -> String {
+    let pkg = pkg.split(':').next().unwrap_or(pkg);
     pkg.trim_start_matches("linux-image-").to_string()
 }
 
@@ -148,7 +150,7 @@ fn libraries(program: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Parses `modules.dep` into name → (path, dependency paths).
-fn parse_modules_dep(text: &str) -> HashMap<String, (String, Vec<String>)> {
+pub(crate) fn parse_modules_dep(text: &str) -> HashMap<String, (String, Vec<String>)> {
     let mut map = HashMap::new();
     for line in text.lines() {
         let Some((path, deps)) = line.split_once(':') else {
@@ -169,7 +171,7 @@ fn parse_modules_dep(text: &str) -> HashMap<String, (String, Vec<String>)> {
 }
 
 /// The module paths to load for `wanted`, dependencies first, each once.
-fn module_load_order(
+pub(crate) fn module_load_order(
     dep: &HashMap<String, (String, Vec<String>)>,
     wanted: &[&str],
     done: &mut BTreeSet<String>,
@@ -205,11 +207,47 @@ fn module_load_order(
     Ok(order)
 }
 
+/// `pkg` (which may carry an `:arch` suffix) at `version` in `debs`, downloaded with
+/// `apt-get download` unless it is there already.
+pub(crate) fn download_deb(debs: &Path, pkg: &str, version: &str, arch: &str) -> Result<PathBuf> {
+    let name = pkg.split(':').next().unwrap_or(pkg);
+    let deb = debs.join(format!("{name}_{}_{arch}.deb", version.replace(':', "%3a")));
+    if deb.exists() {
+        return Ok(deb);
+    }
+    step(&format!("downloading {pkg} {version}"));
+    run(Command::new("apt-get").current_dir(debs).args([
+        "download",
+        "-q",
+        &format!("{pkg}={version}"),
+    ]))?;
+    if !deb.exists() {
+        // apt names the file itself; take the package's .deb.
+        let found = std::fs::read_dir(debs)
+            .map_err(|e| e.to_string())?
+            .filter_map(std::result::Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with(&format!("{name}_")) && n.ends_with(&format!("_{arch}.deb"))
+                })
+            })
+            .ok_or_else(|| {
+                format!(
+                    "apt-get download left no {pkg} package in {}",
+                    debs.display()
+                )
+            })?;
+        std::fs::rename(found, &deb).map_err(|e| e.to_string())?;
+    }
+    Ok(deb)
+}
+
 /// Builds the guest image if its inputs changed.
 pub fn build() -> Result<()> {
     let dir = guest_dir();
     mkdir(&dir)?;
-    let (pkg, version) = kernel_package()?;
+    let (pkg, version) = kernel_package("linux-image-cloud-amd64")?;
     let release = kernel_release(&pkg);
     let programs: Vec<PathBuf> = PROGRAMS
         .iter()
@@ -242,34 +280,7 @@ pub fn build() -> Result<()> {
     // The kernel package.
     let debs = dir.join("debs");
     mkdir(&debs)?;
-    let deb = debs.join(format!("{pkg}_{}_amd64.deb", version.replace(':', "%3a")));
-    if !deb.exists() {
-        step(&format!("downloading {pkg} {version}"));
-        run(Command::new("apt-get").current_dir(&debs).args([
-            "download",
-            "-q",
-            &format!("{pkg}={version}"),
-        ]))?;
-        if !deb.exists() {
-            // apt names the file itself; take the newest .deb of that package.
-            let found = std::fs::read_dir(&debs)
-                .map_err(|e| e.to_string())?
-                .filter_map(std::result::Result::ok)
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("{pkg}_")))
-                })
-                .ok_or_else(|| {
-                    format!(
-                        "apt-get download left no {pkg} package in {}",
-                        debs.display()
-                    )
-                })?;
-            std::fs::rename(found, &deb).map_err(|e| e.to_string())?;
-        }
-    }
+    let deb = download_deb(&debs, &pkg, &version, "amd64")?;
     step(&format!("unpacking {}", deb.display()));
     let root = dir.join("kernel");
     let _ = std::fs::remove_dir_all(&root);

@@ -9,6 +9,7 @@ mod demo;
 mod deps;
 mod fuzz;
 mod guest;
+mod guest_arm64;
 mod install;
 mod man;
 mod test;
@@ -22,6 +23,8 @@ tasks:
   test [-- ARGS]   the whole test suite: installs what is missing (as root), builds the
                    guest image, then fmt --check, clippy -D warnings, cargo test --workspace
   guest            build the test guest (Debian cloud kernel + initramfs) into target/guest
+  guest-arm64      build the arm64 test guest (Debian arm64 cloud kernel Image + initramfs)
+                   into target/guest-arm64, for the aarch64 vmm-frontend test
   deps             install the Debian packages the tests need (as root), and cargo-fuzz
   fuzz [--seconds N] [--seed] [TARGET...]
                    run the cargo-fuzz targets (all by default) N seconds each (600), with
@@ -57,6 +60,7 @@ fn main() {
         }
         Some("demo") => demo::run_demo(),
         Some("guest") => deps::ensure_packages().and_then(|()| guest::build()),
+        Some("guest-arm64") => deps::ensure_packages().and_then(|()| guest_arm64::build()),
         Some("deps") => deps::ensure_packages().and_then(|()| fuzz::ensure_cargo_fuzz()),
         Some("fuzz") => fuzz::run_cli(&args[1..]),
         Some("man") => man::run(

@@ -22,6 +22,10 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
         ));
     }
     crate::guest::build()?;
+    // The arm64 guest only serves the aarch64 e2e test, which says SKIPPED without it.
+    if let Err(e) = crate::guest_arm64::build() {
+        eprintln!("xtask: no arm64 guest image ({e}); the aarch64 e2e test will be skipped");
+    }
     let skip_log = e2e::paths::skip_log();
     let _ = std::fs::remove_file(&skip_log);
 
@@ -43,28 +47,15 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
             "warnings",
         ])),
     ));
-    // The end-to-end tests run the daemons' and vmm-frontend's real binaries, which
-    // `cargo test` alone does not build for another package's tests.
-    step("cargo build --workspace --bins");
-    let built = run(cargo().args(["build", "--workspace", "--bins"]));
-    let tested = if built.is_ok() {
-        step("cargo test");
-        run(cargo()
-            .args(["test", "--workspace", "--no-fail-fast"])
-            .args(extra_test_args))
-    } else {
-        Err("not run: the binaries did not build".into())
-    };
-    results.push(("cargo build --workspace --bins", built));
-    results.push(("cargo test --workspace --no-fail-fast", tested));
     let aarch64 = "aarch64-unknown-linux-gnu";
     let installed =
         crate::util::output(Command::new("rustup").args(["target", "list", "--installed"]))
             .is_ok_and(|t| t.lines().any(|l| l.trim() == aarch64));
     let mut notes = Vec::new();
     if installed {
-        // A real link (cross linker from gcc-aarch64-linux-gnu), not only a check: the
-        // aarch64 e2e test boots these binaries inside an emulated arm64 machine.
+        // A real link (cross linker from gcc-aarch64-linux-gnu), not only a check, and
+        // before `cargo test`: the aarch64 e2e test boots these binaries inside an
+        // emulated arm64 machine.
         step(&format!("cargo build --target {aarch64}"));
         results.push((
             "cargo build --target aarch64-unknown-linux-gnu -p vmm-frontend -p vhost-device-blk",
@@ -101,6 +92,20 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
         ));
     }
 
+    // The end-to-end tests run the daemons' and vmm-frontend's real binaries, which
+    // `cargo test` alone does not build for another package's tests.
+    step("cargo build --workspace --bins");
+    let built = run(cargo().args(["build", "--workspace", "--bins"]));
+    let tested = if built.is_ok() {
+        step("cargo test");
+        run(cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(extra_test_args))
+    } else {
+        Err("not run: the binaries did not build".into())
+    };
+    results.push(("cargo build --workspace --bins", built));
+    results.push(("cargo test --workspace --no-fail-fast", tested));
     // A short run of every fuzz target (a longer one: cargo xtask fuzz --seconds N).
     match crate::fuzz::unavailable() {
         Some(why) => {
