@@ -28,7 +28,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use vhost_device_common::{queue, ExitEvents, GuestMemoryAtomic};
 
 use crate::muxer::Muxer;
-use crate::packet::RxBuffer;
+use crate::packet::{RxBuffer, TxPacket};
 
 /// Queue indices.
 pub const RX_QUEUE: u16 = 0;
@@ -45,6 +45,8 @@ pub const MUXER_EVENT: u16 = 4;
 pub const TX_TIMER_EVENT: u16 = 5;
 /// TX completions held back at most before the guest is interrupted for them.
 pub const TX_SIGNAL_BATCH: usize = 32;
+/// TX chains forwarded together (consecutive data of one connection in one writev(2)).
+pub const TX_BATCH: usize = 32;
 /// How long TX completions are held back at most.
 pub const TX_SIGNAL_DELAY: Duration = Duration::from_millis(1);
 /// `VIRTIO_VSOCK_F_SEQPACKET`.
@@ -153,21 +155,21 @@ impl Inner {
         let mem = atomic.memory();
         let event_idx = self.event_idx;
         let mut rx_failure = None;
+        let mut batch = Vec::with_capacity(TX_BATCH);
+        let mut heads = Vec::with_capacity(TX_BATCH);
         queue::drain(tx, &mem, event_idx, |chain| {
             let head = chain.head_index();
             let descs = chain
                 .clone()
                 .map(|d| (d.addr(), d.len(), d.is_write_only()));
-            self.muxer.on_tx_chain(&mem, descs);
-            if let Err(e) = tx.add_used(head, 0) {
-                warn!("TX add_used failed: {e}");
-            }
-            self.tx_unsignalled += 1;
-            if self.muxer.take_urgent() && rx_failure.is_none() {
-                rx_failure = self.rx_pass(&mem, rx, tx).err();
+            batch.extend(self.muxer.parse_tx(&mem, descs));
+            heads.push(head);
+            if heads.len() >= TX_BATCH {
+                self.tx_batch(&mem, &mut batch, &mut heads, tx, rx, &mut rx_failure);
             }
         })
         .map_err(|e| io::Error::other(format!("TX queue: {e}")))?;
+        self.tx_batch(&mem, &mut batch, &mut heads, tx, rx, &mut rx_failure);
         if let Some(e) = rx_failure {
             return Err(e);
         }
@@ -178,6 +180,32 @@ impl Inner {
             self.tx_timer_armed = true;
         }
         Ok(())
+    }
+
+    /// Forwards a batch of TX packets, then gives their chains back. A credit update the
+    /// batch made due goes out at once, so the driver can send again while the rest of the
+    /// queue is forwarded.
+    fn tx_batch(
+        &mut self,
+        mem: &queue::Memory,
+        batch: &mut Vec<TxPacket>,
+        heads: &mut Vec<u16>,
+        tx: &VringRwLock,
+        rx: &VringRwLock,
+        rx_failure: &mut Option<io::Error>,
+    ) {
+        self.muxer.on_tx_packets(mem, batch);
+        batch.clear();
+        // Only now: the payloads were read out of these buffers above.
+        for head in heads.drain(..) {
+            if let Err(e) = tx.add_used(head, 0) {
+                warn!("TX add_used failed: {e}");
+            }
+            self.tx_unsignalled += 1;
+        }
+        if self.muxer.take_urgent() && rx_failure.is_none() {
+            *rx_failure = self.rx_pass(mem, rx, tx).err();
+        }
     }
 
     fn process_rx(&mut self, rx: &VringRwLock, tx: &VringRwLock) -> io::Result<()> {
