@@ -260,6 +260,8 @@ fn rx_fill(
         return Ok(false);
     }
     let mut used = false;
+    // Whether the last pop came right after a re-check that found the ring non-empty.
+    let mut rechecked = false;
     while muxer.has_rx_work() || {
         muxer.refill_sibling();
         muxer.has_rx_work()
@@ -270,16 +272,21 @@ fn rx_fill(
             .pop_descriptor_chain(mem.clone());
         let Some(chain) = chain else {
             // Out of buffers: ask for a kick, and look again in case the driver added
-            // some in between (EVENT_IDX, virtio 1.2, 2.7.10).
+            // some in between (EVENT_IDX, virtio 1.2, 2.7.10). Once only: a hostile
+            // available index (more than a ring ahead) looks non-empty to the re-check
+            // while popping returns nothing, and looping on it would spin forever.
             if event_idx
+                && !rechecked
                 && vring
                     .enable_notification()
                     .map_err(|e| io::Error::other(format!("RX queue: {e}")))?
             {
+                rechecked = true;
                 continue;
             }
             break;
         };
+        rechecked = false;
         let head = chain.head_index();
         let descs = chain
             .clone()
@@ -400,5 +407,78 @@ impl VhostUserBackend for VsockBackend {
             other => warn!("unexpected event {other}"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::muxer::Settings;
+    use crate::sibling::{Inbox, Registry};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Found by the `vsock_tx` fuzz target: with EVENT_IDX, an RX available index more
+    /// than a ring ahead made the RX fill loop spin forever (the re-check saw buffers,
+    /// popping found none).
+    #[test]
+    fn hostile_rx_available_index_does_not_spin() {
+        const QSIZE: u16 = 16;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = Settings {
+            cid: 3,
+            uds_path: dir.path().join("v.sock"),
+            buf_alloc: 65536,
+        };
+        let inbox = Arc::new(Inbox::new().expect("eventfd"));
+        let muxer =
+            Muxer::new(settings, None, inbox, Arc::new(Registry::default())).expect("muxer");
+        let backend = VsockBackend::new(3, usize::from(QSIZE), muxer).expect("backend");
+        backend.set_event_idx(true);
+        let mem = vhost_device_common::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)])
+            .expect("memory");
+        // Queue i: descriptors at i * 0x400, available ring +0x100, used ring +0x200.
+        // TX (1): one REQUEST to host port 9999, where nobody listens: the guest is owed a
+        // reset, so the muxer has RX work.
+        let mut hdr = [0u8; 44];
+        hdr[0..8].copy_from_slice(&3u64.to_le_bytes());
+        hdr[8..16].copy_from_slice(&2u64.to_le_bytes());
+        hdr[16..20].copy_from_slice(&5000u32.to_le_bytes());
+        hdr[20..24].copy_from_slice(&9999u32.to_le_bytes());
+        hdr[28..30].copy_from_slice(&1u16.to_le_bytes()); // stream
+        hdr[30..32].copy_from_slice(&1u16.to_le_bytes()); // REQUEST
+        mem.write_slice(&hdr, GuestAddress(0x3000)).expect("header");
+        let mut desc = [0u8; 16];
+        desc[0..8].copy_from_slice(&0x3000u64.to_le_bytes());
+        desc[8..12].copy_from_slice(&44u32.to_le_bytes());
+        mem.write_slice(&desc, GuestAddress(0x400))
+            .expect("descriptor");
+        mem.write_obj(1u16, GuestAddress(0x502))
+            .expect("TX avail idx");
+        // RX (0): an available index 0x8000 ahead of the device's.
+        mem.write_obj(0x8000u16, GuestAddress(0x102))
+            .expect("RX avail idx");
+        let atomic = GuestMemoryAtomic::new(mem);
+        backend.update_memory(atomic.clone()).expect("memory");
+        let vrings: Vec<VringRwLock> = (0..3u64)
+            .map(|i| {
+                let v = VringRwLock::new(atomic.clone(), QSIZE).expect("vring");
+                v.set_queue_info(i * 0x400, i * 0x400 + 0x100, i * 0x400 + 0x200)
+                    .expect("rings");
+                v.set_queue_size(QSIZE);
+                v.set_queue_event_idx(true);
+                v.set_queue_ready(true);
+                v.set_enabled(true);
+                v
+            })
+            .collect();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = backend.handle_event(TX_QUEUE, EventSet::IN, &vrings, 0);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "handle_event spins on a hostile RX available index"
+        );
     }
 }
