@@ -36,6 +36,14 @@ fn run(args: Args) -> Result<(), Error> {
             VsockDevice::new(vm, registry.clone()).map_err(|e| Error::device("cannot start", e))?;
         devices.push((Arc::new(device), listener));
     }
+    // glibc's malloc reads /sys/devices/system/cpu/online (openat) the first time the
+    // process grows past 8 arenas, which happens after a few frontend reconnections (new
+    // worker threads) and which the seccomp filter kills: set the limit before the filter.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt(3) only sets a malloc tunable; no other thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 8);
+    }
     serve_many(devices, &common.sandbox())?;
     Ok(())
 }
