@@ -111,6 +111,9 @@ pub struct Device {
     pub cid: u64,
     /// A daemon for the launcher to start, if the test does not start it itself.
     pub daemon: Option<DaemonSpec>,
+    /// Whether the frontend reconnects to a daemon that went away (QEMU's chardev
+    /// `reconnect=1`).
+    pub reconnect: bool,
 }
 
 impl Device {
@@ -122,6 +125,7 @@ impl Device {
             mac: None,
             cid: 3,
             daemon: None,
+            reconnect: false,
         }
     }
 
@@ -152,6 +156,13 @@ impl Device {
     #[must_use]
     pub fn queues(mut self, queues: u16) -> Self {
         self.queues = queues;
+        self
+    }
+
+    /// Has the frontend reconnect (every second) to a daemon that went away.
+    #[must_use]
+    pub fn reconnect(mut self) -> Self {
+        self.reconnect = true;
         self
     }
 

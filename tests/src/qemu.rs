@@ -229,7 +229,11 @@ impl Qemu {
             let chardev = format!("vu{i}");
             cmd.args([
                 "-chardev",
-                &format!("socket,id={chardev},path={}", dev.socket.display()),
+                &format!(
+                    "socket,id={chardev},path={}{}",
+                    dev.socket.display(),
+                    if dev.reconnect { ",reconnect=1" } else { "" }
+                ),
             ]);
             match dev.kind {
                 DeviceKind::Blk => cmd.args([

@@ -554,6 +554,11 @@ impl VhostUserBackend for BlkBackend {
     fn set_inflight_fd(&self, msg: &VhostUserInflight, file: std::fs::File) -> std::io::Result<()> {
         let buffer =
             inflight::Buffer::open(file, msg, self.inner.num_queues, self.inner.queue_size)?;
+        log::info!(
+            "the frontend shares an in-flight buffer ({} queue(s) of {})",
+            msg.num_queues,
+            msg.queue_size
+        );
         self.use_inflight(buffer);
         Ok(())
     }
