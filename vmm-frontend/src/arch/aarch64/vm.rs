@@ -1,9 +1,6 @@
 //! The KVM side of aarch64 (built for aarch64 hosts only): GIC, guest loading, vCPUs and
 //! the platform and virtio-mmio devices.
 
-// Register code: widths are checked before narrowing.
-#![allow(clippy::cast_possible_truncation)]
-
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
