@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -141,6 +142,15 @@ fn queue_ready(vring: &VringRwLock) -> bool {
     vring.get_ref().get_queue().ready()
 }
 
+/// Whether the driver has made more chains available than the device has taken.
+fn more_available(vring: &VringRwLock, mem: &queue::Memory) -> bool {
+    let guard = vring.get_ref();
+    let queue = guard.get_queue();
+    queue
+        .avail_idx(&**mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 impl Inner {
     /// Handles every TX chain. A credit update a chain makes due goes out at once,
     /// mid-batch, so the driver can send again while the rest of the batch is forwarded;
@@ -164,7 +174,10 @@ impl Inner {
                 .map(|d| (d.addr(), d.len(), d.is_write_only()));
             batch.extend(self.muxer.parse_tx(&mem, descs));
             heads.push(head);
-            if heads.len() >= TX_BATCH {
+            // Forward as soon as the ring has nothing more right now: the credit update
+            // then reaches the driver before notifications are re-enabled, so its next
+            // packets are often found by the drain's re-check, without a kick.
+            if heads.len() >= TX_BATCH || !more_available(tx, &mem) {
                 self.tx_batch(&mem, &mut batch, &mut heads, tx, rx, &mut rx_failure);
             }
         })
