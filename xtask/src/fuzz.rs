@@ -124,6 +124,7 @@ pub fn run_target(target: &str, seconds: u64) -> Result<Stats> {
     let out = Command::new(&bin)
         .arg(format!("-max_total_time={seconds}"))
         .arg(MAX_LEN)
+        .arg("-timeout=10")
         .arg("-print_final_stats=1")
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg(&work)
