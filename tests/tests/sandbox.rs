@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::frontend::{Frontend, Options};
+use e2e::frontend::{Buf, Frontend, Options};
 use e2e::process::wait_for_path;
 use e2e::qemu::skip;
 use e2e::ChildGuard;
@@ -185,6 +185,57 @@ fn vsock_runs_under_its_filter() {
 #[test]
 fn console_runs_under_its_filter() {
     runs_under_its_filter("console");
+}
+
+/// Many worker threads at once, connection after connection: glibc's malloc gives each
+/// thread an arena and, the first time it needs a ninth one, reads
+/// `/sys/devices/system/cpu/online`; the sandbox settles that before the filter, so the
+/// daemon survives what would otherwise be an `openat` off its list.
+#[test]
+fn blk_survives_many_workers_and_reconnections() {
+    let test = "sandbox::blk_survives_many_workers_and_reconnections";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("vhost-user.sock");
+    let mut cmd = daemon_command("blk", dir.path(), &socket, None);
+    cmd.arg("--num-queues=16");
+    let mut daemon = ChildGuard::spawn(test, cmd).expect("spawn the daemon");
+    assert!(wait_for_path(&socket, T), "no socket");
+    for round in 0..6 {
+        let options = Options {
+            num_queues: 16,
+            queue_size: 16,
+            ..Options::default()
+        };
+        let mut fe = Frontend::connect(&socket, options)
+            .unwrap_or_else(|e| panic!("round {round}: frontend: {e}"));
+        // One read of sector 0 on every queue, so every worker thread allocates.
+        for q in 0..16 {
+            let header = fe.memory().alloc_with(&[0u8; 16]); // VIRTIO_BLK_T_IN, sector 0
+            let data = fe.memory().alloc(512);
+            let status = fe.memory().alloc_with(&[0xff]);
+            let queue = fe.queue(q);
+            let head = queue
+                .submit(&[
+                    Buf::readable(header, 16),
+                    Buf::writable(data, 512),
+                    Buf::writable(status, 1),
+                ])
+                .expect("submit");
+            let used = queue
+                .wait_used(T)
+                .unwrap_or_else(|e| panic!("round {round}: read on queue {q}: {e}"));
+            assert_eq!(used.id, head);
+            assert_eq!(fe.memory().read(status, 1), [0], "VIRTIO_BLK_S_OK");
+        }
+        drop(fe);
+        assert!(
+            daemon.try_wait().is_none(),
+            "round {round}: the daemon died: {:?}",
+            daemon.try_wait()
+        );
+    }
+    let status = daemon.terminate(T).expect("exit after SIGTERM");
+    assert!(status.success(), "clean exit: {status}");
 }
 
 /// `--user nobody`: every thread of the serving daemon runs as nobody, with nobody's group

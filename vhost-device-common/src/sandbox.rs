@@ -294,6 +294,7 @@ impl Sandbox {
             log::warn!("running without a seccomp filter (--seccomp none)");
             return Ok(());
         };
+        settle_allocator();
         if self.seccomp == SeccompMode::Trap {
             install_trap_handler(name)?;
         }
@@ -308,6 +309,24 @@ impl Sandbox {
             list.len()
         );
         Ok(())
+    }
+}
+
+/// Makes glibc's malloc decide now what it would otherwise find out under the filter: the
+/// first time the process needs a ninth arena (a ninth thread allocating at once, e.g. the
+/// workers of a device with many queues), glibc reads `/sys/devices/system/cpu/online` to
+/// bound the number of arenas, an `openat` the filter kills. Setting the bound (glibc's own
+/// default, 8 per CPU) skips that read.
+fn settle_allocator() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt(3) sets an allocator tunable under the allocator's own lock; it
+        // reads and writes no memory of the caller.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+            log::warn!("cannot bound malloc's arenas; a busy daemon may die under the filter");
+        }
     }
 }
 
