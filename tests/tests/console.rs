@@ -1007,3 +1007,78 @@ fn indirect_chains_and_a_driver_without_event_idx() {
     }
     read_until(&mut c, b"line 49\n");
 }
+
+/// The daemon's anonymous memory (its heap), in bytes; guest memory is a shared mapping.
+fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("RssAnon in /proc/PID/status")
+        * 1024
+}
+
+#[test]
+fn a_client_that_stops_reading_back_pressures_the_guest_with_bounded_memory() {
+    let d = Daemon::start(|dir| {
+        vec![
+            "--backend".into(),
+            format!("unix={}", dir.join("console.sock").display()),
+        ]
+    });
+    let path = d.path("console.sock");
+    d.wait_log("): unix ");
+    let mut drv = Driver::connect(&d.sock, 2);
+    drv.post_rx(0, 4);
+    // A client that connects and never reads.
+    let stalled = unix_client(&path);
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = d.child.pid();
+    let before = rss_anon(pid);
+
+    // The guest writes up to 32 MiB; the device must stop taking its buffers once the
+    // client's buffer is full, rather than keep the output in memory.
+    const CHUNK: u32 = 64 * 1024;
+    let addr = drv.fe.memory().alloc_with(&vec![b'x'; CHUNK as usize]);
+    let mut taken = 0u64;
+    let mut stalled_at = None;
+    for i in 0..512 {
+        let q = drv.fe.queue(1);
+        q.submit(&[Buf::readable(addr, CHUNK)]).expect("submit");
+        if q.wait_used(Duration::from_secs(1)).is_err() {
+            stalled_at = Some(i);
+            break;
+        }
+        taken += u64::from(CHUNK);
+    }
+    assert!(
+        stalled_at.is_some(),
+        "32 MiB of output taken for a client that reads nothing"
+    );
+    let after = rss_anon(pid);
+    assert!(
+        taken < 4 << 20,
+        "{taken} bytes taken before back-pressure (the client buffer is 256 KiB)"
+    );
+    assert!(
+        after < before + (4 << 20),
+        "daemon anonymous memory grew {before} -> {after} bytes"
+    );
+
+    // The client goes away: the waiting buffer is taken, and the daemon serves the next
+    // client both ways.
+    drop(stalled);
+    drv.fe
+        .queue(1)
+        .wait_used(TIMEOUT)
+        .expect("the stalled transmit buffer is taken once the client is gone");
+    let mut c = unix_client(&path);
+    drv.send(1, b"after the stall");
+    read_until(&mut c, b"after the stall");
+    c.write_all(b"typed").unwrap();
+    assert_eq!(drv.recv_until(0, b"typed"), b"typed");
+    println!(
+        "console stalled client: {taken} bytes taken before back-pressure, daemon anonymous memory {before} -> {after} bytes"
+    );
+}
