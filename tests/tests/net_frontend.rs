@@ -666,3 +666,74 @@ fn a_region_past_its_file_is_refused() {
     let drv = connect(&d, 8, 2048);
     assert_ne!(drv.fe.features(), 0);
 }
+
+/// CPU time (user + system) the process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+#[test]
+fn a_tap_deleted_under_the_daemon_is_logged_and_nothing_crashes_or_spins() {
+    let Some(ns) = netns_or_skip("net_frontend::tap_deleted") else {
+        return;
+    };
+    let mut d = daemon(&ns, &[]);
+    let mut drv = connect(&d, 32, 2048);
+    let host_mac = drv.resolve_host();
+    let (echo, _) = drv.ping(host_mac, 1, b"before");
+    assert_eq!(echo, b"before");
+
+    ns.sh("ip link del vdn0").expect("delete the tap");
+    // The guest keeps sending: every frame is taken (and dropped), none hangs the queue.
+    for i in 0..16u16 {
+        drv.send(&icmp_echo(
+            host_mac,
+            GUEST_MAC,
+            GUEST_IP,
+            HOST_IP,
+            100 + i,
+            b"after",
+        ));
+    }
+    // No busy loop on a dead descriptor: the daemon sleeps.
+    let pid = d.guard.pid();
+    let ticks = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - ticks;
+    assert!(
+        used < 30,
+        "the daemon used {used} ticks of CPU in 1 s with its tap gone; log:\n{}",
+        d.log()
+    );
+    let log = d.wait_log("vdn0");
+    assert!(
+        log.lines().any(|l| l.contains("tap") && l.contains("vdn0")),
+        "the daemon names the tap in its log:\n{log}"
+    );
+    // Still alive (or ended cleanly, never by a signal), and logging one line per cause.
+    match d.guard.try_wait() {
+        None => {
+            drop(drv);
+            let log = d.wait_log("connection totals");
+            assert!(log.contains("connection totals"), "{log}");
+        }
+        Some(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(
+                status.signal().is_none(),
+                "the daemon died of a signal ({status}); log:\n{}",
+                d.log()
+            );
+        }
+    }
+    println!(
+        "tap deleted: daemon used {used} ticks in 1 s; log:\n{}",
+        d.log()
+    );
+}
