@@ -94,7 +94,10 @@ mod tests {
         assert!(GIC_REDIST + MAX_CPUS as u64 * GIC_REDIST_SIZE <= UART);
         assert!(GIC_REDIST + (MAX_CPUS as u64 + 1) * GIC_REDIST_SIZE > UART);
         assert!(UART + UART_SIZE <= VIRTIO_MMIO_BASE);
-        assert!(KERNEL_BASE % 0x20_0000 == 0, "the arm64 boot protocol wants 2 MiB");
+        assert!(
+            KERNEL_BASE % 0x20_0000 == 0,
+            "the arm64 boot protocol wants 2 MiB"
+        );
     };
 
     #[test]
