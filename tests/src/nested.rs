@@ -160,7 +160,7 @@ impl Vmm {
                 .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "{netns}/usr/bin/{} {} > /tmp/daemon{i}.log 2>&1 &\nD{i}=$!",
+                "{netns}/usr/bin/{} {} > /tmp/daemon{i}.log 2>&1 &\nD{i}=$!; export D{i}",
                 d.binary,
                 args.join(" ")
             );

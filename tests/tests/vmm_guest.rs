@@ -327,3 +327,68 @@ echo GUEST-STILL-RUNNING
         run.console
     );
 }
+
+/// A block daemon killed with SIGKILL while the guest's fio writes with verification, and
+/// started again: vmm-frontend reconnects to it (replaying features, memory, rings and the
+/// in-flight buffer), and the guest's verify passes with no I/O error.
+#[test]
+fn a_restarted_daemon_is_reconnected_and_the_guest_sees_no_error() {
+    let test = "vmm_guest::a_restarted_daemon_is_reconnected_and_the_guest_sees_no_error";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("reconnect");
+    let sock = format!("{b}.sock");
+    let image = format!("{b}.img");
+    let guest = r#"
+fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \
+    --iodepth=16 --size=16M --fdatasync=8 --verify=crc32c --verify_fatal=1 \
+    --group_reporting >/tmp/fio.log 2>&1
+echo fio_rc=$?
+grep -q "err= 0" /tmp/fio.log && echo fio=ok || cat /tmp/fio.log
+echo ioerr=$(dmesg | grep -c "I/O error")
+"#;
+    let args = ["--socket-path", &sock, "--image", &image];
+    // Inside L2: once the guest has written to the image, kill the daemon (its PID is $D0,
+    // exported by the L2 script) and start it again on the same socket.
+    let restart = format!(
+        "i=0; while [ \"$(stat -c %b {image})\" = 0 ] && [ $i -lt 900 ]; do sleep 0.2; i=$((i+1)); done; \
+         sleep 1; kill -9 $D0 && echo killed > {b}.restarted; sleep 0.5; \
+         /usr/bin/vhost-device-blk {} > {b}.second.log 2>&1 &",
+        args.join(" ")
+    );
+    let run = GuestSpec::new(guest)
+        .device(Device::blk(&PathBuf::from(&sock)).daemon("vhost-device-blk", &args))
+        .host_setup(&format!("truncate -s 32M {image}"))
+        .host_background(&restart)
+        .host_check(&format!(
+            "cat {b}.restarted; echo '--- second daemon ---'; cat {b}.second.log; rm -f {image}"
+        ))
+        .timeout(Duration::from_secs(240))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!(
+        "{test}: {} in {:?}\n{}\n{}",
+        run.launcher, run.duration, run.output, run.host_output
+    ));
+    assert!(
+        run.host_output.contains("killed"),
+        "the daemon was not killed: {}",
+        run.host_output
+    );
+    assert!(
+        run.console.contains("reconnected"),
+        "vmm-frontend did not reconnect:\n{}",
+        run.console
+    );
+    assert!(
+        run.host_output
+            .contains("the frontend shares an in-flight buffer"),
+        "the restarted daemon did not get the in-flight buffer back:\n{}",
+        run.host_output
+    );
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    assert!(run.output.contains("fio_rc=0"), "{}", run.output);
+    assert!(run.output.contains("fio=ok"), "{}", run.output);
+    assert!(run.output.contains("ioerr=0"), "{}", run.output);
+}

@@ -7,13 +7,28 @@
 //! addresses are sent as this process' virtual addresses, as the protocol wants. At reset:
 //! `SET_VRING_ENABLE(0)` and `GET_VRING_BASE` on every started queue, which stops it.
 //! Device configuration space goes through `GET_CONFIG`/`SET_CONFIG`.
+//!
+//! Reconnection: a daemon that hangs up is reported, and the VMM's main thread
+//! ([`Reconnector`]) connects to its socket again every second. A restarted daemon gets the
+//! same negotiation and, if the guest had started the device, the same features, memory
+//! table and rings, each ring's base at the used index in guest memory (what QEMU does
+//! after a back-end crash); the guest's kicks and interrupts go through the same eventfds.
+//! A block daemon that offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` is given an in-flight
+//! buffer when the device starts and gets it back after a restart, so it resubmits the
+//! requests its predecessor had taken; the other devices process their rings in order, so
+//! restarting from the used index redoes exactly what was not completed.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DeviceConfig, DeviceKind};
 use crate::memory::GuestMemory;
@@ -108,29 +123,131 @@ fn daemon_queue_count(kind: DeviceKind, guest: u16) -> u16 {
     }
 }
 
-/// One attached daemon.
-pub struct VhostUserDevice {
+/// A ring the guest started, kept to set it up again on a restarted daemon.
+#[derive(Debug)]
+struct Ring {
+    index: usize,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    call: EventFd,
+}
+
+/// What the guest started: the features it acked and its rings.
+#[derive(Debug)]
+struct Running {
+    acked: u64,
+    rings: Vec<Ring>,
+}
+
+/// What one daemon connection negotiated before the guest runs.
+struct Negotiated {
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    daemon_queues: Option<u64>,
+}
+
+/// The connection to one daemon, shared by the device (vCPU threads) and its
+/// [`Reconnector`] (the main thread).
+struct Conn {
     kind: DeviceKind,
     socket: String,
+    path: std::path::PathBuf,
     frontend: Frontend,
     mem: GuestMemory,
     backend_features: u64,
     guest_features: u64,
     protocol: VhostUserProtocolFeatures,
-    queues: u16,
     daemon_queues: u16,
-    started: Vec<usize>,
+    running: Option<Running>,
+    inflight: Option<(VhostUserInflight, File)>,
     local_config: Option<Vec<u8>>,
     broken: bool,
+}
+
+/// One attached daemon.
+pub struct VhostUserDevice {
+    conn: Arc<Mutex<Conn>>,
+    kind: DeviceKind,
+    queues: u16,
+    guest_features: u64,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUserDevice")
             .field("kind", &self.kind)
-            .field("socket", &self.socket)
-            .finish()
+            .finish_non_exhaustive()
     }
+}
+
+/// Protocol features the frontend uses when the daemon offers them.
+fn wanted_protocol(kind: DeviceKind) -> VhostUserProtocolFeatures {
+    let mut p = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+    if kind == DeviceKind::Blk {
+        p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    p
+}
+
+/// Connects to the daemon at `path` and negotiates owner, features and protocol features.
+fn negotiate(
+    kind: DeviceKind,
+    path: &std::path::Path,
+    socket: &str,
+) -> Result<Negotiated, VhostUserError> {
+    let name = kind.name();
+    let perr = |step: &'static str| {
+        let socket = socket.to_string();
+        move |source| VhostUserError::Protocol {
+            kind: name,
+            socket,
+            step,
+            source,
+        }
+    };
+    let mut frontend = Frontend::connect(path, 64).map_err(|source| VhostUserError::Connect {
+        kind: name,
+        socket: socket.to_string(),
+        source,
+    })?;
+    frontend.set_owner().map_err(perr("SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(perr("GET_FEATURES"))?;
+    if backend_features & (1 << 32) == 0 {
+        return Err(VhostUserError::NoVersion1 {
+            kind: name,
+            socket: socket.to_string(),
+        });
+    }
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    let mut daemon_queues = None;
+    if backend_features & PROTOCOL_FEATURES_BIT != 0 {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(perr("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered & wanted_protocol(kind);
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(perr("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            daemon_queues = Some(frontend.get_queue_num().map_err(perr("GET_QUEUE_NUM"))?);
+        }
+    }
+    Ok(Negotiated {
+        frontend,
+        backend_features,
+        protocol,
+        daemon_queues,
+    })
+}
+
+/// Locks a connection; a vCPU thread that panicked while holding it leaves it usable.
+fn lock(conn: &Mutex<Conn>) -> MutexGuard<'_, Conn> {
+    conn.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl VhostUserDevice {
@@ -138,41 +255,12 @@ impl VhostUserDevice {
     pub fn connect(cfg: &DeviceConfig, mem: GuestMemory) -> Result<Self, VhostUserError> {
         let kind = cfg.kind.name();
         let socket = cfg.socket.display().to_string();
-        let perr = |step: &'static str| {
-            let socket = socket.clone();
-            move |source| VhostUserError::Protocol {
-                kind,
-                socket,
-                step,
-                source,
-            }
-        };
-        let mut frontend =
-            Frontend::connect(&cfg.socket, 64).map_err(|source| VhostUserError::Connect {
-                kind,
-                socket: socket.clone(),
-                source,
-            })?;
-        frontend.set_owner().map_err(perr("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(perr("GET_FEATURES"))?;
-        if backend_features & (1 << 32) == 0 {
-            return Err(VhostUserError::NoVersion1 { kind, socket });
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        let mut daemon_queues = None;
-        if backend_features & PROTOCOL_FEATURES_BIT != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(perr("GET_PROTOCOL_FEATURES"))?;
-            protocol =
-                offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG);
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(perr("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                daemon_queues = Some(frontend.get_queue_num().map_err(perr("GET_QUEUE_NUM"))?);
-            }
-        }
+        let Negotiated {
+            frontend,
+            backend_features,
+            protocol,
+            daemon_queues,
+        } = negotiate(cfg.kind, &cfg.socket, &socket)?;
         let queues = guest_queues(cfg.kind, cfg.queues, daemon_queues);
         let mut guest_features =
             backend_features & (device_feature_mask(cfg.kind, cfg.queues) | TRANSPORT_FEATURES);
@@ -188,27 +276,86 @@ impl VhostUserDevice {
             "{kind} daemon at {socket}: features {backend_features:#x}, protocol {:#x}, {queues} queue(s)",
             protocol.bits()
         );
-        Ok(Self {
+        let conn = Conn {
             kind: cfg.kind,
             socket,
+            path: cfg.socket.clone(),
             frontend,
             mem,
             backend_features,
             guest_features,
             protocol,
-            queues,
             daemon_queues: daemon_queue_count(cfg.kind, queues),
-            started: Vec::new(),
+            running: None,
+            inflight: None,
             local_config,
             broken: false,
+        };
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            kind: cfg.kind,
+            queues,
+            guest_features,
         })
     }
 
+    /// The handle the main thread uses to watch the daemon and reconnect to it.
+    pub fn reconnector(&self) -> Reconnector {
+        Reconnector {
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+/// Watches one daemon's connection and connects again when it went away.
+#[derive(Clone)]
+pub struct Reconnector {
+    conn: Arc<Mutex<Conn>>,
+}
+
+impl std::fmt::Debug for Reconnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconnector").finish_non_exhaustive()
+    }
+}
+
+impl Reconnector {
     /// The socket's descriptor, to watch for the daemon hanging up.
     pub fn raw_fd(&self) -> RawFd {
-        self.frontend.as_raw_fd()
+        lock(&self.conn).frontend.as_raw_fd()
     }
 
+    /// Marks the daemon gone: the device answers the guest locally until it is back.
+    pub fn disconnected(&self) {
+        lock(&self.conn).broken = true;
+    }
+
+    /// Connects to the daemon's socket again and replays what the guest had set up.
+    /// Returns the new socket's descriptor.
+    pub fn reconnect(&self) -> Result<RawFd, String> {
+        let mut c = lock(&self.conn);
+        let n = negotiate(c.kind, &c.path.clone(), &c.socket).map_err(|e| e.to_string())?;
+        // What the guest may have acked of the old daemon's offer must be there again.
+        let needed = c.backend_features & c.guest_features;
+        if n.backend_features & needed != needed || n.protocol & c.protocol != c.protocol {
+            return Err(format!(
+                "the restarted daemon offers features {:#x} (protocol {:#x}), not all of \
+                 {:#x} (protocol {:#x}) the guest uses",
+                n.backend_features,
+                n.protocol.bits(),
+                needed,
+                c.protocol.bits()
+            ));
+        }
+        c.frontend = n.frontend;
+        c.backend_features = n.backend_features;
+        c.replay()?;
+        c.broken = false;
+        Ok(c.frontend.as_raw_fd())
+    }
+}
+
+impl Conn {
     fn mem_regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>, vhost::Error> {
         self.mem
             .iter()
@@ -224,50 +371,100 @@ impl VhostUserDevice {
     }
 
     fn start(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
-        let e = |step: &'static str| move |err: vhost::Error| format!("{step}: {err}");
         let mut acked = features & self.backend_features;
         if self.backend_features & PROTOCOL_FEATURES_BIT != 0 {
             acked |= PROTOCOL_FEATURES_BIT;
         }
+        let dup = |fd: &EventFd| {
+            fd.try_clone()
+                .map_err(|e| format!("dup of an eventfd: {e}"))
+        };
+        let rings = queues
+            .iter()
+            .filter(|q| q.index < self.daemon_queues)
+            .map(|q| {
+                Ok(Ring {
+                    index: usize::from(q.index),
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: dup(q.kick)?,
+                    call: dup(q.call)?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            && self.inflight.is_none()
+        {
+            let ask = VhostUserInflight::new(0, 0, self.daemon_queues, QUEUE_SIZE);
+            let got = self
+                .frontend
+                .get_inflight_fd(&ask)
+                .map_err(|err| format!("GET_INFLIGHT_FD: {err}"))?;
+            self.inflight = Some(got);
+        }
+        self.running = Some(Running { acked, rings });
+        self.replay()
+    }
+
+    /// Sends the guest's device set-up to the daemon: in-flight buffer, features, memory
+    /// table, then every ring, based at the used index the guest memory holds now (0 for a
+    /// fresh ring).
+    fn replay(&mut self) -> Result<(), String> {
+        let e = |step: &'static str| move |err: vhost::Error| format!("{step}: {err}");
+        let Some(running) = &self.running else {
+            return Ok(());
+        };
+        if let Some((msg, file)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(msg, file.as_raw_fd())
+                .map_err(e("SET_INFLIGHT_FD"))?;
+        }
         self.frontend
-            .set_features(acked)
+            .set_features(running.acked)
             .map_err(e("SET_FEATURES"))?;
         let regions = self.mem_regions().map_err(e("memory regions"))?;
         self.frontend
             .set_mem_table(&regions)
             .map_err(e("SET_MEM_TABLE"))?;
-        for q in queues.iter().filter(|q| q.index < self.daemon_queues) {
-            let i = usize::from(q.index);
+        for r in &running.rings {
             let ring = VringConfigData {
                 queue_max_size: QUEUE_SIZE,
-                queue_size: q.size,
+                queue_size: r.size,
                 flags: 0,
-                desc_table_addr: self.host_addr(q.desc)?,
-                used_ring_addr: self.host_addr(q.used)?,
-                avail_ring_addr: self.host_addr(q.avail)?,
+                desc_table_addr: self.host_addr(r.desc)?,
+                used_ring_addr: self.host_addr(r.used)?,
+                avail_ring_addr: self.host_addr(r.avail)?,
                 log_addr: None,
             };
+            let base: u16 = self
+                .mem
+                .read_obj(GuestAddress(r.used).unchecked_add(2))
+                .map_err(|err| format!("reading the used index: {err}"))?;
+            let i = r.index;
             self.frontend
-                .set_vring_num(i, q.size)
+                .set_vring_num(i, r.size)
                 .map_err(e("SET_VRING_NUM"))?;
             self.frontend
                 .set_vring_addr(i, &ring)
                 .map_err(e("SET_VRING_ADDR"))?;
             self.frontend
-                .set_vring_base(i, 0)
+                .set_vring_base(i, base)
                 .map_err(e("SET_VRING_BASE"))?;
             self.frontend
-                .set_vring_call(i, q.call)
+                .set_vring_call(i, &r.call)
                 .map_err(e("SET_VRING_CALL"))?;
             self.frontend
-                .set_vring_kick(i, q.kick)
+                .set_vring_kick(i, &r.kick)
                 .map_err(e("SET_VRING_KICK"))?;
-            if acked & PROTOCOL_FEATURES_BIT != 0 {
+            if running.acked & PROTOCOL_FEATURES_BIT != 0 {
                 self.frontend
                     .set_vring_enable(i, true)
                     .map_err(e("SET_VRING_ENABLE"))?;
             }
-            self.started.push(i);
         }
         Ok(())
     }
@@ -302,28 +499,7 @@ fn local_config(cfg: &DeviceConfig, daemon_has_config: bool) -> Option<Vec<u8>> 
     }
 }
 
-impl VirtioBackend for VhostUserDevice {
-    fn device_type(&self) -> u16 {
-        match self.kind {
-            DeviceKind::Net => 1,
-            DeviceKind::Blk => 2,
-            DeviceKind::Console => 3,
-            DeviceKind::Vsock => 19,
-        }
-    }
-
-    fn num_queues(&self) -> u16 {
-        self.queues
-    }
-
-    fn queue_max_size(&self) -> u16 {
-        QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
-        self.guest_features
-    }
-
+impl Conn {
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some(c) = &self.local_config {
@@ -373,16 +549,17 @@ impl VirtioBackend for VhostUserDevice {
         }
     }
 
-    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
-        let r = self.start(features, queues);
-        if let Err(e) = &r {
-            self.report("starting the device", e);
-        }
-        r
-    }
-
     fn reset(&mut self) {
-        let started = std::mem::take(&mut self.started);
+        // A reset device starts afresh: QEMU drops the in-flight buffer too.
+        self.inflight = None;
+        let started: Vec<usize> = self
+            .running
+            .take()
+            .map(|r| r.rings.iter().map(|ring| ring.index).collect())
+            .unwrap_or_default();
+        if self.broken {
+            return;
+        }
         let has_enable = self.backend_features & PROTOCOL_FEATURES_BIT != 0;
         for i in started {
             if has_enable {
@@ -396,6 +573,50 @@ impl VirtioBackend for VhostUserDevice {
                 return;
             }
         }
+    }
+}
+
+impl VirtioBackend for VhostUserDevice {
+    fn device_type(&self) -> u16 {
+        match self.kind {
+            DeviceKind::Net => 1,
+            DeviceKind::Blk => 2,
+            DeviceKind::Console => 3,
+            DeviceKind::Vsock => 19,
+        }
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.queues
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.guest_features
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.conn).read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.conn).write_config(offset, data);
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
+        let mut c = lock(&self.conn);
+        let r = c.start(features, queues);
+        if let Err(e) = &r {
+            c.report("starting the device", e);
+        }
+        r
+    }
+
+    fn reset(&mut self) {
+        lock(&self.conn).reset();
     }
 }
 

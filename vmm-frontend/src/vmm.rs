@@ -79,10 +79,11 @@ pub enum VmmError {
     Guest(String),
 }
 
-/// A daemon whose socket is watched for hang-ups.
+/// A daemon whose socket is watched for hang-ups, and reconnected to after one.
 struct Watched {
     fd: RawFd,
     what: String,
+    daemon: crate::vhost_user::Reconnector,
 }
 
 fn serial_output(mode: &SerialMode) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -183,8 +184,10 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
         let n = counts.entry(cfg.kind.name()).or_insert(0);
         let name = format!("{}{}", cfg.kind.name(), n);
         *n += 1;
+        let daemon = backend.reconnector();
         watched.push(Watched {
-            fd: backend.raw_fd(),
+            fd: daemon.raw_fd(),
+            daemon,
             what: format!(
                 "{} ({} daemon at {})",
                 name,
@@ -261,9 +264,14 @@ pub fn run(config: &Config) -> Result<ExitReason, VmmError> {
     Ok(reason)
 }
 
-/// Waits for the exit signal, reporting daemons that hang up meanwhile.
+/// How often a daemon that went away is looked for again.
+const RECONNECT_INTERVAL_MS: i32 = 1000;
+
+/// Waits for the exit signal, reporting daemons that hang up meanwhile and connecting to
+/// them again once they are back (a restarted daemon, or systemd restarting the unit).
 fn wait_for_exit(exit: &ExitSignal, watched: &mut Vec<Watched>) {
     use std::os::fd::AsRawFd;
+    let mut gone: Vec<(Watched, Option<String>)> = Vec::new();
     loop {
         let mut fds: Vec<libc::pollfd> = vec![libc::pollfd {
             fd: exit.event().as_raw_fd(),
@@ -275,9 +283,14 @@ fn wait_for_exit(exit: &ExitSignal, watched: &mut Vec<Watched>) {
             events: libc::POLLRDHUP,
             revents: 0,
         }));
+        let timeout = if gone.is_empty() {
+            -1
+        } else {
+            RECONNECT_INTERVAL_MS
+        };
         // SAFETY: `fds` is a valid, initialised array of `fds.len()` pollfd structures that
         // lives across the call; poll only writes their `revents`.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -299,11 +312,36 @@ fn wait_for_exit(exit: &ExitSignal, watched: &mut Vec<Watched>) {
             .collect();
         for i in hung.into_iter().rev() {
             let w = watched.remove(i);
-            log::error!("{} disconnected; the VM keeps running without it", w.what);
+            w.daemon.disconnected();
+            log::error!(
+                "{} disconnected; the VM keeps running without it, reconnecting",
+                w.what
+            );
             eprintln!(
                 "vmm-frontend: {} disconnected; the VM keeps running without it",
                 w.what
             );
+            gone.push((w, None));
+        }
+        let mut i = 0;
+        while i < gone.len() {
+            match gone[i].0.daemon.reconnect() {
+                Ok(fd) => {
+                    let (mut w, _) = gone.remove(i);
+                    w.fd = fd;
+                    log::info!("{} reconnected", w.what);
+                    eprintln!("vmm-frontend: {} reconnected", w.what);
+                    watched.push(w);
+                }
+                Err(e) => {
+                    // Said once per new reason, not every second.
+                    if gone[i].1.as_deref() != Some(e.as_str()) {
+                        log::warn!("{}: not back yet: {e}", gone[i].0.what);
+                        gone[i].1 = Some(e);
+                    }
+                    i += 1;
+                }
+            }
         }
         let _ = exit.event().read();
     }
