@@ -7,6 +7,9 @@
 //!   private mount namespace that only the daemon lives in (`unshare -m`): nothing is
 //!   mounted on the host, and the mount goes away with the daemon.
 //!
+//! - Block: the image shrinks under the daemon (another program truncates it), so reads
+//!   of the lost part hit the end of the file: IOERR for those, the rest still served.
+//!
 //! (The vsock, console and net faults are in their devices' test files.)
 //!
 //! Run `cargo build -p vhost-device-blk` first (or `cargo build --workspace`).
@@ -207,4 +210,54 @@ fn full_disk_answers_ioerr_and_keeps_serving_sync() {
 #[test]
 fn full_disk_answers_ioerr_and_keeps_serving_io_uring() {
     full_disk_answers_ioerr_and_keeps_serving("io-uring");
+}
+
+#[test]
+fn reads_past_a_truncated_image_answer_ioerr_and_the_rest_is_served() {
+    for engine in ["sync", "io-uring"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("disk.img");
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("image");
+        let sock = dir.path().join("blk.sock");
+        let log_path = dir.path().join("daemon.log");
+        let mut cmd = Command::new(e2e::bin_path("vhost-device-blk"));
+        cmd.arg("--socket-path")
+            .arg(&sock)
+            .arg("--image")
+            .arg(&image)
+            .args(["--engine", engine])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path).expect("log"));
+        let mut child = ChildGuard::spawn("vhost-device-blk", cmd).expect("spawn");
+        let log = || fs::read_to_string(&log_path).unwrap_or_default();
+        assert!(wait_for_path(&sock, T), "no socket; log:\n{}", log());
+        let mut fe = Frontend::connect(&sock, Options::default().mem_size(8 << 20))
+            .unwrap_or_else(|e| panic!("connect: {e}\nlog:\n{}", log()));
+        let sectors = (CHUNK / 512) as u64;
+        assert_eq!(request(&mut fe, OUT, 0, &chunk_pattern(1), 0).0, S_OK);
+
+        // Another program cuts the image to 1 MiB behind the daemon's back.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("truncate");
+        let (status, _) = request(&mut fe, IN, 64 * sectors, &[], CHUNK);
+        assert_eq!(status, S_IOERR, "{engine}: a read at 4 MiB of a 1 MiB file");
+        let (status, data) = request(&mut fe, IN, 0, &[], CHUNK);
+        assert_eq!(status, S_OK, "{engine}: a read inside what is left");
+        assert!(
+            data == chunk_pattern(1),
+            "{engine}: the data is still there"
+        );
+        assert!(
+            child.try_wait().is_none(),
+            "the daemon died; log:\n{}",
+            log()
+        );
+    }
 }
