@@ -392,3 +392,164 @@ echo ioerr=$(dmesg | grep -c "I/O error")
     assert!(run.output.contains("fio=ok"), "{}", run.output);
     assert!(run.output.contains("ioerr=0"), "{}", run.output);
 }
+
+/// The vsock, console and net daemons killed with SIGKILL at once while the guest runs, and
+/// started again with the same arguments: vmm-frontend reconnects to each, and what a user
+/// sees works again. A new vsock connection from the guest reaches the host program (the
+/// ones open at the kill are lost), the guest's pings reach the host end of the tap (a
+/// persistent tap, which survives its daemon with its address and MAC), and a line the
+/// guest writes to the same open /dev/hvc0 reaches a client of the restarted console.
+#[test]
+fn restarted_vsock_console_and_net_daemons_are_reconnected() {
+    let test = "vmm_guest::restarted_vsock_console_and_net_daemons_are_reconnected";
+    let Some(vmm) = e2e::vmm_or_skip(test) else {
+        return;
+    };
+    let b = base("restart3");
+    let (vsock_sock, console_sock, net_sock) = (
+        format!("{b}-vsock.sock"),
+        format!("{b}-console.sock"),
+        format!("{b}-net.sock"),
+    );
+    let uds = format!("{b}.uds");
+    let port = format!("{b}.port");
+    let backend = format!("unix={port}");
+    let ns = format!("vmmrs{}", std::process::id());
+    let guest = r#"
+ip addr add 10.79.0.2/24 dev eth0 && ip link set eth0 up || exit 2
+exec 3>/dev/hvc0
+echo "ping-before=$(ping -c 2 -W 5 10.79.0.1 | grep -c 'bytes from')"
+echo before | timeout 30 socat -t 5 - VSOCK-CONNECT:2:5000
+echo 'console line before the restart' >&3
+sleep 15
+echo "ping-after=$(ping -c 5 -W 5 10.79.0.1 | grep -c 'bytes from')"
+echo after | timeout 30 socat -t 5 - VSOCK-CONNECT:2:5000
+echo 'console line after the restart' >&3
+sleep 2
+echo guest-done
+"#;
+    let vsock_args = [
+        "--socket",
+        vsock_sock.as_str(),
+        "--guest-cid",
+        "3",
+        "--uds-path",
+        uds.as_str(),
+    ];
+    let console_args = [
+        "--socket-path",
+        console_sock.as_str(),
+        "--backend",
+        backend.as_str(),
+    ];
+    let net_args = [
+        "--socket-path",
+        net_sock.as_str(),
+        "--tap",
+        "vmmtap0",
+        "--ip",
+        "10.79.0.1/24",
+        "--mac",
+        "52:54:00:ab:cd:04",
+    ];
+    let ip = "/usr/sbin/ip";
+    // Inside L2: a client on the console's port; once the guest's first line is there, kill
+    // the three daemons ($D0 $D1 $D2, in the order of the devices below), start them again
+    // and connect a new client to the restarted console.
+    let restart = format!(
+        "n=0; while [ ! -S {port}.0 ] && [ ! -S {port} ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; \
+         p={port}.0; [ -S $p ] || p={port}; \
+         socat -u UNIX-CONNECT:$p - > {b}.out1 & \
+         i=0; until grep -q 'line before the restart' {b}.out1 2>/dev/null || [ $i -ge 900 ]; do sleep 0.2; i=$((i+1)); done; \
+         kill -9 $D0 $D1 $D2 && echo killed > {b}.restarted; sleep 0.5; \
+         /usr/bin/vhost-device-vsock {vsock} > {b}.vsock2.log 2>&1 & \
+         /usr/bin/vhost-device-console {console} > {b}.console2.log 2>&1 & \
+         {ip} netns exec {ns} /usr/bin/vhost-device-net {net} > {b}.net2.log 2>&1 & \
+         i=0; until socat -u UNIX-CONNECT:$p - > {b}.out2 2>/dev/null || [ $i -ge 150 ]; do sleep 0.2; i=$((i+1)); done",
+        vsock = vsock_args.join(" "),
+        console = console_args.join(" "),
+        net = net_args.join(" "),
+    );
+    let run = GuestSpec::new(guest)
+        .device(Device::vsock(&PathBuf::from(&vsock_sock), 3).daemon("vhost-device-vsock", &vsock_args))
+        .device(Device::console(&PathBuf::from(&console_sock)).daemon("vhost-device-console", &console_args))
+        .device(
+            Device::net(&PathBuf::from(&net_sock))
+                .mac("52:54:00:ab:cd:04")
+                .daemon("vhost-device-net", &net_args)
+                .in_netns(&ns),
+        )
+        .host_setup(&format!(
+            "{ip} netns add {ns} && {ip} netns exec {ns} {ip} link set lo up && \
+             {ip} netns exec {ns} {ip} tuntap add dev vmmtap0 mode tap vnet_hdr"
+        ))
+        .host_background(&format!(
+            "rm -f {uds}_5000; socat UNIX-LISTEN:{uds}_5000,fork SYSTEM:'read l; echo \"host got: $l\" >> {b}.got; echo reply-$l'"
+        ))
+        .host_background(&restart)
+        .host_check(&format!(
+            "cat {b}.restarted; echo '--- vsock host ---'; cat {b}.got; \
+             echo '--- console before ---'; cat {b}.out1; echo '--- console after ---'; cat {b}.out2; \
+             echo '--- end ---'; for d in vsock console net; do echo \"--- second $d daemon ---\"; cat {b}.$d\"2.log\"; done; \
+             rm -f {b}.* {uds} {uds}_5000 {port} {port}.0; {ip} netns del {ns}"
+        ))
+        .timeout(Duration::from_secs(240))
+        .run(&vmm)
+        .expect("guest run");
+    e2e::guest::say(&format!(
+        "{test}: {} in {:?}\n{}\n{}",
+        run.launcher, run.duration, run.output, run.host_output
+    ));
+    assert!(
+        run.host_output.contains("killed"),
+        "the daemons were not killed: {}",
+        run.host_output
+    );
+    for (name, sock) in [
+        ("vsock0", &vsock_sock),
+        ("console0", &console_sock),
+        ("net0", &net_sock),
+    ] {
+        assert!(
+            run.console.lines().any(|l| l.contains(&format!("{name} ("))
+                && l.contains(sock.as_str())
+                && l.contains("reconnected")),
+            "vmm-frontend did not reconnect {name}:\n{}",
+            run.console
+        );
+    }
+    assert_eq!(run.exit_code, Some(0), "{}", run.console);
+    assert!(run.output.contains("guest-done"), "{}", run.console);
+    // Before the restart: everything works.
+    assert!(run.output.contains("ping-before=2"), "{}", run.console);
+    assert!(run.output.contains("reply-before"), "{}", run.console);
+    // After: a new vsock connection, pings, and the console line on the new client.
+    let pings: u32 = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("ping-after="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        pings >= 4,
+        "{pings} of 5 pings after the restart:\n{}",
+        run.console
+    );
+    assert!(run.output.contains("reply-after"), "{}", run.console);
+    assert!(
+        run.host_output.contains("host got: after"),
+        "{}",
+        run.host_output
+    );
+    let after = run
+        .host_output
+        .split("--- console after ---")
+        .nth(1)
+        .and_then(|s| s.split("--- end ---").next())
+        .unwrap_or_default();
+    assert!(
+        after.contains("console line after the restart"),
+        "the restarted console's client did not get the guest's line:\n{}",
+        run.host_output
+    );
+}
