@@ -25,14 +25,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DeviceConfig, DeviceKind};
 use crate::memory::GuestMemory;
-use crate::virtio_pci::{ActiveQueue, VirtioBackend};
+use crate::virtio_pci::{ActiveQueue, ConfigInterrupt, VirtioBackend};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
@@ -142,6 +144,31 @@ struct Running {
     rings: Vec<Ring>,
 }
 
+/// Serves the daemon's requests on the backend channel (`SET_BACKEND_REQ_FD`): a
+/// configuration change (a disk that grew, a console resized) raises the device's
+/// configuration interrupt.
+#[derive(Debug, Default)]
+struct BackendRequests {
+    irq: Mutex<Option<ConfigInterrupt>>,
+}
+
+impl VhostUserFrontendReqHandler for BackendRequests {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let irq = self
+            .irq
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match irq {
+            Some(irq) if irq.trigger() => log::info!("the daemon reports a configuration change"),
+            _ => log::warn!(
+                "the daemon reports a configuration change the driver has no interrupt for"
+            ),
+        }
+        Ok(0)
+    }
+}
+
 /// What one daemon connection negotiated before the guest runs.
 struct Negotiated {
     frontend: Frontend,
@@ -165,6 +192,7 @@ struct Conn {
     running: Option<Running>,
     inflight: Option<(VhostUserInflight, File)>,
     local_config: Option<Vec<u8>>,
+    requests: Arc<BackendRequests>,
     broken: bool,
 }
 
@@ -186,18 +214,23 @@ impl std::fmt::Debug for VhostUserDevice {
 
 /// Protocol features the frontend uses when the daemon offers them.
 fn wanted_protocol(kind: DeviceKind) -> VhostUserProtocolFeatures {
-    let mut p = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+    let mut p = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::BACKEND_REQ;
     if kind == DeviceKind::Blk {
         p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     }
     p
 }
 
-/// Connects to the daemon at `path` and negotiates owner, features and protocol features.
+/// Connects to the daemon at `path` and negotiates owner, features and protocol features,
+/// and opens the backend channel (served by a thread of its own, which ends with the
+/// connection) when the daemon has one.
 fn negotiate(
     kind: DeviceKind,
     path: &std::path::Path,
     socket: &str,
+    requests: &Arc<BackendRequests>,
 ) -> Result<Negotiated, VhostUserError> {
     let name = kind.name();
     let perr = |step: &'static str| {
@@ -235,6 +268,19 @@ fn negotiate(
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
             daemon_queues = Some(frontend.get_queue_num().map_err(perr("GET_QUEUE_NUM"))?);
         }
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let mut channel = FrontendReqHandler::new(requests.clone())
+                .map_err(|e| perr("creating the backend channel")(e.into()))?;
+            frontend
+                .set_backend_request_fd(&channel.get_tx_raw_fd())
+                .map_err(perr("SET_BACKEND_REQ_FD"))?;
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}-backend-req"))
+                .spawn(move || while channel.handle_request().is_ok() {});
+            if let Err(e) = spawned {
+                log::warn!("{name} daemon at {socket}: no backend channel thread: {e}");
+            }
+        }
     }
     Ok(Negotiated {
         frontend,
@@ -255,12 +301,13 @@ impl VhostUserDevice {
     pub fn connect(cfg: &DeviceConfig, mem: GuestMemory) -> Result<Self, VhostUserError> {
         let kind = cfg.kind.name();
         let socket = cfg.socket.display().to_string();
+        let requests = Arc::new(BackendRequests::default());
         let Negotiated {
             frontend,
             backend_features,
             protocol,
             daemon_queues,
-        } = negotiate(cfg.kind, &cfg.socket, &socket)?;
+        } = negotiate(cfg.kind, &cfg.socket, &socket, &requests)?;
         let queues = guest_queues(cfg.kind, cfg.queues, daemon_queues);
         let mut guest_features =
             backend_features & (device_feature_mask(cfg.kind, cfg.queues) | TRANSPORT_FEATURES);
@@ -289,6 +336,7 @@ impl VhostUserDevice {
             running: None,
             inflight: None,
             local_config,
+            requests,
             broken: false,
         };
         Ok(Self {
@@ -334,7 +382,8 @@ impl Reconnector {
     /// Returns the new socket's descriptor.
     pub fn reconnect(&self) -> Result<RawFd, String> {
         let mut c = lock(&self.conn);
-        let n = negotiate(c.kind, &c.path.clone(), &c.socket).map_err(|e| e.to_string())?;
+        let n = negotiate(c.kind, &c.path.clone(), &c.socket, &c.requests.clone())
+            .map_err(|e| e.to_string())?;
         // What the guest may have acked of the old daemon's offer must be there again.
         let needed = c.backend_features & c.guest_features;
         if n.backend_features & needed != needed || n.protocol & c.protocol != c.protocol {
@@ -617,6 +666,14 @@ impl VirtioBackend for VhostUserDevice {
 
     fn reset(&mut self) {
         lock(&self.conn).reset();
+    }
+
+    fn set_config_interrupt(&mut self, irq: ConfigInterrupt) {
+        let requests = lock(&self.conn).requests.clone();
+        *requests
+            .irq
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(irq);
     }
 }
 

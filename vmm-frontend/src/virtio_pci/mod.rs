@@ -72,6 +72,53 @@ pub trait VirtioBackend: Send {
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String>;
     /// Stops the device (virtio reset).
     fn reset(&mut self);
+    /// Hands the backend the way to raise the configuration-change interrupt (a backend
+    /// that learns its configuration changed outside a guest access, e.g. a disk that grew).
+    fn set_config_interrupt(&mut self, _irq: ConfigInterrupt) {}
+}
+
+/// Raises a device's configuration-change interrupt from any thread: writes the eventfd of
+/// the MSI-X vector the driver chose for configuration changes (its irqfd delivers it).
+#[derive(Debug, Clone)]
+pub struct ConfigInterrupt {
+    state: Arc<ConfigIrqState>,
+}
+
+#[derive(Debug)]
+struct ConfigIrqState {
+    /// Duplicates of the device's vector eventfds.
+    events: Vec<EventFd>,
+    /// `config_msix_vector` as the driver set it.
+    vector: std::sync::atomic::AtomicU16,
+}
+
+impl ConfigInterrupt {
+    fn new(vectors: &[Vector]) -> std::io::Result<Self> {
+        Ok(ConfigInterrupt {
+            state: Arc::new(ConfigIrqState {
+                events: vectors
+                    .iter()
+                    .map(|v| v.event.try_clone())
+                    .collect::<std::io::Result<_>>()?,
+                vector: std::sync::atomic::AtomicU16::new(NO_VECTOR),
+            }),
+        })
+    }
+
+    fn set_vector(&self, vector: u16) {
+        self.state
+            .vector
+            .store(vector, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Signals the configuration change; false if the driver gave it no vector.
+    pub fn trigger(&self) -> bool {
+        let v = self.state.vector.load(std::sync::atomic::Ordering::Acquire);
+        self.state
+            .events
+            .get(usize::from(v))
+            .is_some_and(|e| e.write(1).is_ok())
+    }
 }
 
 /// An enabled queue handed to `VirtioBackend::activate`.
@@ -145,6 +192,7 @@ pub struct VirtioPciDevice {
     vm: Arc<dyn VmOps>,
     backend: Box<dyn VirtioBackend>,
     active: bool,
+    config_irq: ConfigInterrupt,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -171,7 +219,7 @@ impl VirtioPciDevice {
     /// A function for `backend`, its BAR 0 at `bar` (in the 32-bit window).
     pub fn new(
         name: String,
-        backend: Box<dyn VirtioBackend>,
+        mut backend: Box<dyn VirtioBackend>,
         vm: Arc<dyn VmOps>,
         bar: u32,
     ) -> Result<Self, VirtioPciError> {
@@ -232,6 +280,8 @@ impl VirtioPciDevice {
             .collect::<Result<Vec<_>, _>>()
             .map_err(VirtioPciError::EventFd)?;
         let common = CommonConfig::new(backend.features(), nq, backend.queue_max_size(), nvec);
+        let config_irq = ConfigInterrupt::new(&vectors).map_err(VirtioPciError::EventFd)?;
+        backend.set_config_interrupt(config_irq.clone());
         let dev = Self {
             name,
             config,
@@ -245,6 +295,7 @@ impl VirtioPciDevice {
             vm,
             backend,
             active: false,
+            config_irq,
         };
         dev.register_ioevents(dev.bar)
             .map_err(VirtioPciError::IoEvent)?;
@@ -391,8 +442,13 @@ impl BusDevice for VirtioPciDevice {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         match offset {
             o if o < ISR_OFFSET => match self.common.write(o - COMMON_OFFSET, data) {
-                CommonEvent::None | CommonEvent::FeaturesOk => {}
-                CommonEvent::Reset => self.reset(),
+                CommonEvent::None | CommonEvent::FeaturesOk => {
+                    self.config_irq.set_vector(self.common.config_vector);
+                }
+                CommonEvent::Reset => {
+                    self.reset();
+                    self.config_irq.set_vector(self.common.config_vector);
+                }
                 CommonEvent::DriverOk => {
                     if self.common.driver_features & VIRTIO_F_VERSION_1 == 0 {
                         log::error!(
