@@ -18,6 +18,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::rx::{self, RxDrop, RxOutcome, RxScratch};
 use crate::stats::{DropCause, Stats};
@@ -57,6 +58,9 @@ struct Worker {
     attached: Option<bool>,
 }
 
+/// The epoll token of a worker's wake-up eventfd, past the tap's.
+const WAKE_AFTER_TAP: u64 = 1;
+
 #[derive(Debug)]
 struct Inner {
     config: BackendConfig,
@@ -66,6 +70,10 @@ struct Inner {
     event_idx: AtomicBool,
     memory: RwLock<Option<GuestMemoryAtomic>>,
     workers: Vec<Mutex<Worker>>,
+    /// Per pair: raised when one of its rings starts, so the worker attaches its tap queue
+    /// (`None` if the eventfd could not be made: the queue is then attached on the pair's
+    /// first kick).
+    wakes: Vec<Option<EventFd>>,
     stats: Stats,
 }
 
@@ -91,6 +99,7 @@ impl NetBackend {
             })
             .collect();
         let stats = Stats::new(usize::from(config.queue_pairs));
+        let config_pairs = config.queue_pairs;
         NetBackend {
             inner: Arc::new(Inner {
                 features: device_features(config.queue_pairs, config.mtu),
@@ -100,6 +109,9 @@ impl NetBackend {
                 event_idx: AtomicBool::new(false),
                 memory: RwLock::new(None),
                 workers,
+                wakes: (0..config_pairs)
+                    .map(|_| EventFd::new(EFD_NONBLOCK).ok())
+                    .collect(),
                 stats,
             }),
         }
@@ -108,6 +120,31 @@ impl NetBackend {
     /// The epoll token of the tap in every worker: past the queues and the exit event.
     pub fn tap_event(&self) -> u64 {
         self.num_queues() as u64 + 1
+    }
+
+    /// Detaches the tap queues of every pair but the first until the frontend starts them,
+    /// so the kernel steers no frame to a queue nobody reads (it would be lost); returns the
+    /// wake-up eventfds to watch, with their worker and epoll token.
+    pub fn start_detached(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
+        use std::os::fd::AsRawFd;
+        if self.inner.taps.len() < 2 {
+            return Vec::new();
+        }
+        let mut fds = Vec::new();
+        for (pair, (tap, wake)) in self.inner.taps.iter().zip(&self.inner.wakes).enumerate() {
+            let Some(wake) = wake else { continue };
+            fds.push((pair, wake.as_raw_fd(), self.tap_event() + WAKE_AFTER_TAP));
+            if pair == 0 {
+                continue;
+            }
+            if let (Ok(()), Some(Ok(mut w))) = (
+                tap.set_queue_attached(false),
+                self.inner.workers.get(pair).map(Mutex::lock),
+            ) {
+                w.attached = Some(false);
+            }
+        }
+        fds
     }
 
     /// This connection's counters.
@@ -391,6 +428,13 @@ impl VhostUserBackend for NetBackend {
         ExitEvents::pair()
     }
 
+    fn queue_started(&self, queue_index: u16) {
+        // The worker checks (and attaches) its pair's tap queue on any event.
+        if let Some(Some(wake)) = self.inner.wakes.get(usize::from(queue_index / 2)) {
+            let _ = wake.write(1);
+        }
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -413,6 +457,11 @@ impl VhostUserBackend for NetBackend {
         };
         self.sync_attached(thread_id, &mut worker, vrings);
         match u64::from(device_event) {
+            e if e == self.tap_event() + WAKE_AFTER_TAP => {
+                if let Some(Some(wake)) = self.inner.wakes.get(thread_id) {
+                    let _ = wake.read();
+                }
+            }
             0 => self.process_rx(thread_id, tap, rxq, &mem, &mut worker),
             1 => self.process_tx(thread_id, tap, txq, &mem, &mut worker),
             e if e == self.tap_event() => self.process_rx(thread_id, tap, rxq, &mem, &mut worker),

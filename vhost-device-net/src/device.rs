@@ -114,6 +114,11 @@ impl Device for NetDevice {
                 backend.tap_event(),
             )?;
         }
+        for (pair, fd, token) in backend.start_detached() {
+            if let Some(handler) = handlers.get(pair) {
+                handler.register_listener(fd, EventSet::IN, token)?;
+            }
+        }
         Ok(())
     }
 
