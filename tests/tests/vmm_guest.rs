@@ -395,10 +395,11 @@ echo ioerr=$(dmesg | grep -c "I/O error")
 
 /// The vsock, console and net daemons killed with SIGKILL at once while the guest runs, and
 /// started again with the same arguments: vmm-frontend reconnects to each, and what a user
-/// sees works again. A new vsock connection from the guest reaches the host program (the
-/// ones open at the kill are lost), the guest's pings reach the host end of the tap (a
-/// persistent tap, which survives its daemon with its address and MAC), and a line the
-/// guest writes to the same open /dev/hvc0 reaches a client of the restarted console.
+/// sees works again. A new vsock connection from the guest reaches the host program (one
+/// open at the kill is closed in the guest by the frontend's transport reset event), the
+/// guest's pings reach the host end of the tap (a persistent tap, which survives its daemon
+/// with its address and MAC), and a line the guest writes to the same open /dev/hvc0
+/// reaches a client of the restarted console.
 #[test]
 fn restarted_vsock_console_and_net_daemons_are_reconnected() {
     let test = "vmm_guest::restarted_vsock_console_and_net_daemons_are_reconnected";
@@ -420,8 +421,13 @@ ip addr add 10.79.0.2/24 dev eth0 && ip link set eth0 up || exit 2
 exec 3>/dev/hvc0
 echo "ping-before=$(ping -c 2 -W 5 10.79.0.1 | grep -c 'bytes from')"
 echo before | timeout 30 socat -t 5 - VSOCK-CONNECT:2:5000
+( socat -u VSOCK-CONNECT:2:5001 - > /tmp/held.out 2>&1; echo "held-closed rc=$?" > /tmp/held.rc ) &
+i=0; until grep -q held-open /tmp/held.out 2>/dev/null || [ $i -ge 100 ]; do sleep 0.2; i=$((i+1)); done
+cat /tmp/held.out
 echo 'console line before the restart' >&3
 sleep 15
+cat /tmp/held.rc 2>/dev/null || echo held-still-open
+cat /tmp/held.out
 echo "ping-after=$(ping -c 5 -W 5 10.79.0.1 | grep -c 'bytes from')"
 echo after | timeout 30 socat -t 5 - VSOCK-CONNECT:2:5000
 echo 'console line after the restart' >&3
@@ -486,12 +492,15 @@ echo guest-done
         .host_background(&format!(
             "rm -f {uds}_5000; socat UNIX-LISTEN:{uds}_5000,fork SYSTEM:'read l; echo \"host got: $l\" >> {b}.got; echo reply-$l'"
         ))
+        .host_background(&format!(
+            "rm -f {uds}_5001; socat UNIX-LISTEN:{uds}_5001 SYSTEM:'echo held-open; sleep 200'"
+        ))
         .host_background(&restart)
         .host_check(&format!(
             "cat {b}.restarted; echo '--- vsock host ---'; cat {b}.got; \
              echo '--- console before ---'; cat {b}.out1; echo '--- console after ---'; cat {b}.out2; \
              echo '--- end ---'; for d in vsock console net; do echo \"--- second $d daemon ---\"; cat {b}.$d\"2.log\"; done; \
-             rm -f {b}.* {uds} {uds}_5000 {port} {port}.0; {ip} netns del {ns}"
+             rm -f {b}.* {uds} {uds}_5000 {uds}_5001 {port} {port}.0; {ip} netns del {ns}"
         ))
         .timeout(Duration::from_secs(240))
         .run(&vmm)
@@ -523,6 +532,14 @@ echo guest-done
     // Before the restart: everything works.
     assert!(run.output.contains("ping-before=2"), "{}", run.console);
     assert!(run.output.contains("reply-before"), "{}", run.console);
+    assert!(run.output.contains("held-open"), "{}", run.console);
+    // The connection open at the kill is closed in the guest (the frontend's transport
+    // reset event), not left hanging.
+    assert!(
+        run.output.contains("held-closed rc=1"),
+        "the guest's open vsock connection was not reset:\n{}",
+        run.console
+    );
     // After: a new vsock connection, pings, and the console line on the new client.
     let pings: u32 = run
         .output

@@ -16,7 +16,11 @@
 //! A block daemon that offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` is given an in-flight
 //! buffer when the device starts and gets it back after a restart, so it resubmits the
 //! requests its predecessor had taken; the other devices process their rings in order, so
-//! restarting from the used index redoes exactly what was not completed.
+//! restarting from the used index redoes exactly what was not completed. After the replay
+//! every ring is kicked and its interrupt raised once (the dead daemon may have swallowed
+//! a kick or left used entries unsignalled), and a vsock guest gets a transport reset event
+//! on the event queue the frontend serves, so it closes the connections the new daemon
+//! does not know.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -142,6 +146,9 @@ struct Ring {
 struct Running {
     acked: u64,
     rings: Vec<Ring>,
+    /// The vsock event queue, which the frontend serves: after a restart it tells the
+    /// guest that the transport was reset.
+    vsock_event: Option<Ring>,
 }
 
 /// Serves the daemon's requests on the backend channel (`SET_BACKEND_REQ_FD`): a
@@ -400,6 +407,27 @@ impl Reconnector {
         c.backend_features = n.backend_features;
         c.replay()?;
         c.broken = false;
+        // The dead daemon may have read a kick it never acted on, or published used
+        // entries it never signalled; with EVENT_IDX the guest would then wait for ever
+        // (it kicks only when its avail index crosses the event the dead daemon left). So
+        // kick every ring once, and interrupt the guest once: both are spurious at worst.
+        for r in c.running.iter().flat_map(|r| &r.rings) {
+            let _ = r.kick.write(1);
+            let _ = r.call.write(1);
+        }
+        // The restarted vsock daemon knows none of the guest's connections: tell the guest,
+        // which then closes them with ECONNRESET (as after a migration) instead of leaving
+        // them hanging, and frees their ports for new connections.
+        if let Some(ev) = c.running.as_ref().and_then(|r| r.vsock_event.as_ref()) {
+            match push_transport_reset(&c.mem, ev) {
+                Ok(true) => log::info!("{}: sent the guest a vsock transport reset", c.socket),
+                Ok(false) => log::warn!(
+                    "{}: the guest has no event buffer: no vsock transport reset sent",
+                    c.socket
+                ),
+                Err(err) => log::warn!("{}: vsock transport reset: {err}", c.socket),
+            }
+        }
         Ok(c.frontend.as_raw_fd())
     }
 }
@@ -443,6 +471,18 @@ impl Conn {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let vsock_event = match queues.iter().find(|q| q.index == VSOCK_EVENT_QUEUE) {
+            Some(q) if self.kind == DeviceKind::Vsock => Some(Ring {
+                index: usize::from(q.index),
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: dup(q.kick)?,
+                call: dup(q.call)?,
+            }),
+            _ => None,
+        };
         if self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -455,7 +495,11 @@ impl Conn {
                 .map_err(|err| format!("GET_INFLIGHT_FD: {err}"))?;
             self.inflight = Some(got);
         }
-        self.running = Some(Running { acked, rings });
+        self.running = Some(Running {
+            acked,
+            rings,
+            vsock_event,
+        });
         self.replay()
     }
 
@@ -528,6 +572,71 @@ impl Conn {
         }
         self.broken = true;
     }
+}
+
+/// The vsock event queue's index (rx, tx, event).
+const VSOCK_EVENT_QUEUE: u16 = 2;
+/// `VIRTQ_DESC_F_WRITE`.
+const DESC_F_WRITE: u16 = 2;
+/// `VIRTQ_DESC_F_INDIRECT`.
+const DESC_F_INDIRECT: u16 = 4;
+
+/// Puts a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` event (`le32 id = 0`) in the next buffer
+/// of the vsock event queue `ring` and interrupts the guest. The frontend is the only
+/// producer of that queue's used ring, so its used index is also the next available entry
+/// to take. Returns `Ok(false)` when the guest has posted no buffer. The ring is guest
+/// memory: every index and address is checked, and a bad buffer is an error, not a crash.
+fn push_transport_reset(mem: &GuestMemory, ring: &Ring) -> Result<bool, String> {
+    let rd = |a: u64| -> Result<u16, String> {
+        mem.read_obj(GuestAddress(a))
+            .map_err(|e| format!("reading the event ring: {e}"))
+    };
+    if ring.size == 0 {
+        return Ok(false);
+    }
+    let used_idx = rd(ring.used.wrapping_add(2))?;
+    let avail_idx = rd(ring.avail.wrapping_add(2))?;
+    if avail_idx == used_idx {
+        return Ok(false);
+    }
+    let slot = u64::from(used_idx % ring.size);
+    let head = rd(ring.avail.wrapping_add(4 + 2 * slot))?;
+    if head >= ring.size {
+        return Err(format!(
+            "descriptor {head} is past the ring of {}",
+            ring.size
+        ));
+    }
+    let desc = ring.desc.wrapping_add(16 * u64::from(head));
+    let addr: u64 = mem
+        .read_obj(GuestAddress(desc))
+        .map_err(|e| format!("reading descriptor {head}: {e}"))?;
+    let len: u32 = mem
+        .read_obj(GuestAddress(desc.wrapping_add(8)))
+        .map_err(|e| format!("reading descriptor {head}: {e}"))?;
+    let flags = rd(desc.wrapping_add(12))?;
+    if flags & DESC_F_WRITE == 0 || flags & DESC_F_INDIRECT != 0 || len < 4 {
+        return Err(format!(
+            "descriptor {head} (flags {flags:#x}, {len} bytes) cannot take an event"
+        ));
+    }
+    mem.write_obj(0u32, GuestAddress(addr))
+        .map_err(|e| format!("writing the event: {e}"))?;
+    let elem = ring.used.wrapping_add(4 + 8 * slot);
+    mem.write_obj(u32::from(head), GuestAddress(elem))
+        .and_then(|()| mem.write_obj(4u32, GuestAddress(elem.wrapping_add(4))))
+        .map_err(|e| format!("writing the used ring: {e}"))?;
+    // The element must be visible before the index that publishes it.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    mem.write_obj(
+        used_idx.wrapping_add(1),
+        GuestAddress(ring.used.wrapping_add(2)),
+    )
+    .map_err(|e| format!("writing the used index: {e}"))?;
+    ring.call
+        .write(1)
+        .map_err(|e| format!("interrupting the guest: {e}"))?;
+    Ok(true)
 }
 
 /// Configuration space the frontend serves itself: net when a MAC is given or the daemon
@@ -725,6 +834,68 @@ mod tests {
         );
         assert!(local_config(&dev(DeviceKind::Vsock, None), true).is_none());
         assert!(local_config(&dev(DeviceKind::Blk, None), false).is_none());
+    }
+
+    fn event_ring(mem: &GuestMemory, flags: u16, head: u16) -> Ring {
+        let ring = Ring {
+            index: 2,
+            size: 4,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+            kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        };
+        mem.write_obj(0x4000u64, GuestAddress(0x1000))
+            .expect("addr");
+        mem.write_obj(8u32, GuestAddress(0x1008)).expect("len");
+        mem.write_obj(flags, GuestAddress(0x100c)).expect("flags");
+        mem.write_obj(head, GuestAddress(0x2004)).expect("ring[0]");
+        mem.write_obj(1u16, GuestAddress(0x2002))
+            .expect("avail idx");
+        mem.write_obj(u64::MAX, GuestAddress(0x4000))
+            .expect("buffer");
+        ring
+    }
+
+    #[test]
+    fn transport_reset_fills_the_next_event_buffer() {
+        let mem = crate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let ring = event_ring(&mem, DESC_F_WRITE, 0);
+        assert_eq!(push_transport_reset(&mem, &ring), Ok(true));
+        let event: u32 = mem.read_obj(GuestAddress(0x4000)).expect("event");
+        assert_eq!(event, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+        let used_idx: u16 = mem.read_obj(GuestAddress(0x3002)).expect("used idx");
+        let id: u32 = mem.read_obj(GuestAddress(0x3004)).expect("id");
+        let len: u32 = mem.read_obj(GuestAddress(0x3008)).expect("len");
+        assert_eq!((used_idx, id, len), (1, 0, 4));
+        assert_eq!(ring.call.read().expect("interrupt"), 1);
+        // No buffer left: nothing written, no interrupt.
+        assert_eq!(push_transport_reset(&mem, &ring), Ok(false));
+        assert!(ring.call.read().is_err());
+    }
+
+    #[test]
+    fn transport_reset_refuses_bad_buffers() {
+        let mem = crate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        for (flags, head) in [
+            (0, 0),
+            (DESC_F_WRITE | DESC_F_INDIRECT, 0),
+            (DESC_F_WRITE, 4),
+        ] {
+            let ring = event_ring(&mem, flags, head);
+            assert!(
+                push_transport_reset(&mem, &ring).is_err(),
+                "{flags:#x} {head}"
+            );
+            let used_idx: u16 = mem.read_obj(GuestAddress(0x3002)).expect("used idx");
+            assert_eq!(used_idx, 0);
+        }
+        // A buffer outside guest memory.
+        let ring = event_ring(&mem, DESC_F_WRITE, 0);
+        mem.write_obj(1u64 << 40, GuestAddress(0x1000))
+            .expect("addr");
+        assert!(push_transport_reset(&mem, &ring).is_err());
     }
 
     #[test]
