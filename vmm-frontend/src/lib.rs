@@ -17,6 +17,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod net_ctrl;
 pub mod pci;
 pub mod vcpu;
 pub mod vhost_user;

@@ -87,8 +87,8 @@ pub enum VhostUserError {
 /// Device-specific features we can offer for `kind` (bits 0..24).
 fn device_feature_mask(kind: DeviceKind, queues: u16) -> u64 {
     match kind {
-        // Everything but the control-queue family, which needs a control queue we do not
-        // serve; MQ only with several pairs (it also needs the control queue, so never).
+        // Everything but the control-queue family: the daemon serves no control queue.
+        // With several pairs the VMM serves it and offers CTRL_VQ and MQ itself.
         DeviceKind::Net => {
             let ctrl = (1 << 2)
                 | (1 << 17)
@@ -111,8 +111,8 @@ fn guest_queues(kind: DeviceKind, cli_queues: u16, daemon_queues: Option<u64>) -
         |n: u16| daemon_queues.map_or(n, |d| n.min(u16::try_from(d).unwrap_or(u16::MAX)).max(1));
     match kind {
         DeviceKind::Blk => cap(cli_queues),
-        // One rx/tx pair: several pairs need the control queue.
-        DeviceKind::Net => 2,
+        // One rx/tx pair, or N pairs and the control queue the VMM serves.
+        DeviceKind::Net => crate::net_ctrl::layout(cli_queues, daemon_queues).0,
         // rx, tx and the event queue (the event queue stays with the frontend, as in QEMU).
         DeviceKind::Vsock => 3,
         DeviceKind::Console => {
@@ -125,6 +125,8 @@ fn guest_queues(kind: DeviceKind, cli_queues: u16, daemon_queues: Option<u64>) -
 fn daemon_queue_count(kind: DeviceKind, guest: u16) -> u16 {
     match kind {
         DeviceKind::Vsock => 2,
+        // Not the net control queue.
+        DeviceKind::Net if guest > 2 => guest - 1,
         _ => guest,
     }
 }
@@ -201,6 +203,8 @@ struct Conn {
     local_config: Option<Vec<u8>>,
     requests: Arc<BackendRequests>,
     broken: bool,
+    /// Rings below this index are enabled (net: 2 x the pairs the guest chose).
+    enabled_rings: usize,
 }
 
 /// One attached daemon.
@@ -209,6 +213,9 @@ pub struct VhostUserDevice {
     kind: DeviceKind,
     queues: u16,
     guest_features: u64,
+    /// Net queue pairs (several: the VMM serves the control queue).
+    net_pairs: u16,
+    ctrl: Option<crate::net_ctrl::CtrlQueue>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -318,6 +325,20 @@ impl VhostUserDevice {
         let queues = guest_queues(cfg.kind, cfg.queues, daemon_queues);
         let mut guest_features =
             backend_features & (device_feature_mask(cfg.kind, cfg.queues) | TRANSPORT_FEATURES);
+        let net_pairs = match cfg.kind {
+            DeviceKind::Net => crate::net_ctrl::layout(cfg.queues, daemon_queues).1,
+            _ => 1,
+        };
+        if net_pairs > 1 {
+            guest_features |=
+                crate::net_ctrl::VIRTIO_NET_F_CTRL_VQ | crate::net_ctrl::VIRTIO_NET_F_MQ;
+        }
+        if cfg.kind == DeviceKind::Net && cfg.queues > net_pairs {
+            log::warn!(
+                "net daemon at {socket}: {net_pairs} queue pair(s), not {} (the daemon serves {daemon_queues:?} queues)",
+                cfg.queues
+            );
+        }
         if cfg.kind == DeviceKind::Blk && queues == 1 {
             guest_features &= !(1 << 12); // VIRTIO_BLK_F_MQ
         }
@@ -345,12 +366,15 @@ impl VhostUserDevice {
             local_config,
             requests,
             broken: false,
+            enabled_rings: usize::MAX,
         };
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             kind: cfg.kind,
             queues,
             guest_features,
+            net_pairs,
+            ctrl: None,
         })
     }
 
@@ -555,7 +579,7 @@ impl Conn {
                 .map_err(e("SET_VRING_KICK"))?;
             if running.acked & PROTOCOL_FEATURES_BIT != 0 {
                 self.frontend
-                    .set_vring_enable(i, true)
+                    .set_vring_enable(i, i < self.enabled_rings)
                     .map_err(e("SET_VRING_ENABLE"))?;
             }
         }
@@ -758,6 +782,9 @@ impl VirtioBackend for VhostUserDevice {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         lock(&self.conn).read_config(offset, data);
+        if self.net_pairs > 1 {
+            crate::net_ctrl::patch_config(offset, data, self.net_pairs);
+        }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -765,15 +792,34 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
+        self.ctrl = None;
         let mut c = lock(&self.conn);
+        // With several pairs, only the first is used until the driver asks for more.
+        c.enabled_rings = if self.net_pairs > 1 { 2 } else { usize::MAX };
         let r = c.start(features, queues);
         if let Err(e) = &r {
             c.report("starting the device", e);
+        }
+        let mem = c.mem.clone();
+        drop(c);
+        let ctrl_index = self.net_pairs.saturating_mul(2);
+        if let (Ok(()), Some(q)) = (&r, queues.iter().find(|q| q.index == ctrl_index)) {
+            let conn = self.conn.clone();
+            let set_pairs = Box::new(move |n| lock(&conn).set_pairs(n));
+            self.ctrl = Some(crate::net_ctrl::start(
+                mem,
+                q,
+                features,
+                self.net_pairs,
+                set_pairs,
+            )?);
         }
         r
     }
 
     fn reset(&mut self) {
+        // Stops the control queue's thread first: it takes the connection's lock.
+        self.ctrl = None;
         lock(&self.conn).reset();
     }
 
@@ -783,6 +829,32 @@ impl VirtioBackend for VhostUserDevice {
             .irq
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(irq);
+    }
+}
+
+impl Conn {
+    /// The guest's `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`: enables the first `pairs` pairs of
+    /// the daemon's rings and disables the others. The set is remembered, so a restarted
+    /// daemon gets the same from `replay`; a daemon that is gone gets it then.
+    fn set_pairs(&mut self, pairs: u16) -> bool {
+        self.enabled_rings = 2 * usize::from(pairs);
+        if self.broken {
+            return true;
+        }
+        let started: Vec<usize> = self
+            .running
+            .iter()
+            .flat_map(|r| &r.rings)
+            .map(|r| r.index)
+            .collect();
+        for i in started {
+            if let Err(err) = self.frontend.set_vring_enable(i, i < self.enabled_rings) {
+                self.report("SET_VRING_ENABLE", &err);
+                return true;
+            }
+        }
+        log::info!("{}: the guest uses {pairs} queue pair(s)", self.socket);
+        true
     }
 }
 
