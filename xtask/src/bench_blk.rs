@@ -33,21 +33,23 @@ type Result<T> = std::result::Result<T, String>;
 
 const MIB: u64 = 1 << 20;
 const IMAGE_SIZE: u64 = 512 * MIB;
+/// The comparison in the tables' titles.
+const VS: &str = "vhost-device-blk vs qemu-storage-daemon";
 const TIMEOUT: Duration = Duration::from_secs(20);
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 
 /// One fio-style workload.
 #[derive(Debug, Clone, Copy)]
-struct Workload {
-    name: &'static str,
-    write: bool,
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) write: bool,
     random: bool,
     block: u32,
     depth: usize,
 }
 
-const WORKLOADS: [Workload; 5] = [
+pub(crate) const WORKLOADS: [Workload; 5] = [
     Workload {
         name: "4k randread QD1",
         write: false,
@@ -103,11 +105,11 @@ impl Subject {
 
 /// What one run measured.
 #[derive(Debug, Clone, Copy, Default)]
-struct Figure {
-    iops: f64,
-    mibs: f64,
+pub(crate) struct Figure {
+    pub(crate) iops: f64,
+    pub(crate) mibs: f64,
     /// Mean completion latency (guest) or median (synthetic), microseconds.
-    lat_us: f64,
+    pub(crate) lat_us: f64,
     /// 99th percentile latency, microseconds (synthetic only).
     p99_us: f64,
     /// Daemon CPU time per request, microseconds (synthetic only).
@@ -220,7 +222,7 @@ pub fn run(args: &[String]) -> Result<()> {
         let rows = synthetic(&s, &ours, &image, tmp.path())?;
         print_table(
             &format!(
-                "synthetic frontend, 1 queue, median of {} runs of {:.0} s",
+                "{VS}: synthetic frontend, 1 queue, median of {} runs of {:.0} s",
                 s.runs, s.seconds
             ),
             &rows,
@@ -233,7 +235,7 @@ pub fn run(args: &[String]) -> Result<()> {
             Some(rows) => {
                 print_table(
                     &format!(
-                        "guest fio (direct, libaio), {} queues, median of {} runs of {} s",
+                        "{VS}: guest fio (direct, libaio), {} queues, median of {} runs of {} s",
                         s.queues, s.runs, s.fio_runtime
                     ),
                     &rows,
@@ -247,19 +249,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     for (name, rows) in &sections {
-        let _ = write!(json, ",\n  \"{name}\": [");
-        for (i, r) in rows.iter().enumerate() {
-            let sep = if i == 0 { "\n" } else { ",\n" };
-            let _ = write!(
-                json,
-                "{sep}    {{\"workload\": \"{}\", \"ours\": {}, \"theirs\": {}, \"ratio\": {:.3}}}",
-                r.workload.name,
-                figure_json(&r.ours),
-                figure_json(&r.theirs),
-                r.ratio()
-            );
-        }
-        json.push_str("\n  ]");
+        rows_json(&mut json, name, rows);
     }
     json.push_str("\n}\n");
     if let Some(dir) = s.json.parent() {
@@ -270,6 +260,23 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Appends `"name": [rows]` to a JSON object being written.
+pub(crate) fn rows_json(json: &mut String, name: &str, rows: &[Row]) {
+    let _ = write!(json, ",\n  \"{name}\": [");
+    for (i, r) in rows.iter().enumerate() {
+        let sep = if i == 0 { "\n" } else { ",\n" };
+        let _ = write!(
+            json,
+            "{sep}    {{\"workload\": \"{}\", \"ours\": {}, \"theirs\": {}, \"ratio\": {:.3}}}",
+            r.workload.name,
+            figure_json(&r.ours),
+            figure_json(&r.theirs),
+            r.ratio()
+        );
+    }
+    json.push_str("\n  ]");
+}
+
 fn figure_json(f: &Figure) -> String {
     format!(
         "{{\"iops\": {:.0}, \"mib_s\": {:.1}, \"lat_us\": {:.1}, \"p99_us\": {:.1}, \"cpu_us_per_req\": {:.2}}}",
@@ -277,7 +284,7 @@ fn figure_json(f: &Figure) -> String {
     )
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -380,10 +387,10 @@ fn start(
 
 /// One measured row: a workload on both daemons.
 #[derive(Debug, Clone, Copy)]
-struct Row {
-    workload: Workload,
-    ours: Figure,
-    theirs: Figure,
+pub(crate) struct Row {
+    pub(crate) workload: Workload,
+    pub(crate) ours: Figure,
+    pub(crate) theirs: Figure,
 }
 
 impl Row {
@@ -397,7 +404,7 @@ impl Row {
     }
 }
 
-fn median(mut figures: Vec<Figure>) -> Figure {
+pub(crate) fn median(mut figures: Vec<Figure>) -> Figure {
     figures.sort_by(|a, b| a.iops.total_cmp(&b.iops));
     let mut m = figures.get(figures.len() / 2).copied().unwrap_or_default();
     // Latency medians from the same set, sorted on their own.
@@ -582,16 +589,22 @@ fn fio_cmd(w: &Workload, runtime: u32) -> String {
     )
 }
 
+/// The guest's command: every workload once, each printing `R 0 <index> <fio terse line>`.
+pub(crate) fn fio_script(runtime: u32) -> String {
+    let mut script = String::from("set -e\n");
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let _ = writeln!(script, "echo \"R 0 {i} $({})\"", fio_cmd(w, runtime));
+    }
+    script
+}
+
 /// Runs every workload `runs` times in one guest boot per daemon (alternating which boots
 /// first). `None` when no guest can be booted here.
 fn guest(s: &Settings, ours: &Path, image: &Path, dir: &Path) -> Result<Option<Vec<Row>>> {
     let Some(qemu) = e2e::qemu_or_skip("xtask bench blk (guest)") else {
         return Ok(None);
     };
-    let mut script = String::from("set -e\n");
-    for (i, w) in WORKLOADS.iter().enumerate() {
-        let _ = writeln!(script, "echo \"R 0 {i} $({})\"", fio_cmd(w, s.fio_runtime));
-    }
+    let script = fio_script(s.fio_runtime);
     // One boot per run and daemon, alternating which goes first, so a machine whose load
     // changes during the benchmark does not favour either.
     let order: Vec<Subject> = (0..s.runs)
@@ -659,7 +672,7 @@ fn guest(s: &Settings, ours: &Path, image: &Path, dir: &Path) -> Result<Option<V
 }
 
 /// Reads IOPS, bandwidth and mean completion latency from fio's terse v3 line.
-fn parse_terse(line: &str, write: bool) -> Option<Figure> {
+pub(crate) fn parse_terse(line: &str, write: bool) -> Option<Figure> {
     let f: Vec<&str> = line.trim().split(';').collect();
     // Terse v3: read status starts at field 6 (bw KiB/s at 6, iops at 7, clat mean at 15);
     // write status starts 41 fields later.
@@ -677,8 +690,8 @@ fn parse_terse(line: &str, write: bool) -> Option<Figure> {
     })
 }
 
-fn print_table(title: &str, rows: &[Row], synthetic: bool) {
-    println!("\nvhost-device-blk vs qemu-storage-daemon: {title}");
+pub(crate) fn print_table(title: &str, rows: &[Row], synthetic: bool) {
+    println!("\n{title}");
     println!("machine: {}", machine());
     if synthetic {
         println!(

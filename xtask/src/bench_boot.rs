@@ -33,17 +33,33 @@ const FIRMWARE: &[&str] = &[
     "/usr/share/qemu/pvh.bin",
 ];
 
+/// The L3 guest's kernel command line (the test guest's marker tag is `g`).
+pub(crate) const L3_APPEND: &str = "console=ttyS0 quiet panic=-1 e2e.tag=g";
+
+/// The shell command, inside L2, of QEMU booting the L3 kernel and initramfs under KVM with
+/// `memory` (e.g. `512M`) in a shared memfd, the serial console on stdout, and `extra`
+/// arguments (devices) at the end.
+pub(crate) fn qemu_l3(machine: &str, memory: &str, extra: &str) -> String {
+    format!(
+        "/usr/bin/qemu-system-x86_64 -L /usr/share/qemu -machine {machine},accel=kvm,memory-backend=mem \
+         -object memory-backend-memfd,id=mem,size={memory},share=on -cpu host -m {memory} -nodefaults \
+         -no-user-config -display none -serial stdio -no-reboot -kernel /l3/vmlinuz \
+         -initrd /l3/initrd.gz -append '{L3_APPEND}' {extra}"
+    )
+}
+
+/// The shell command, inside L2, of vmm-frontend booting the same L3 guest with `memory`
+/// and `extra` arguments (devices) at the end.
+pub(crate) fn vmm_l3(memory: &str, extra: &str) -> String {
+    format!(
+        "/usr/bin/vmm-frontend --kernel /l3/vmlinuz --initramfs /l3/initrd.gz --memory {memory} \
+         --cmdline '{L3_APPEND}' --serial stdio {extra}"
+    )
+}
+
 fn script(rounds: u32, memory: u32) -> String {
-    let append = "console=ttyS0 quiet panic=-1 e2e.tag=g";
     let mem = format!("{memory}M");
-    let qemu = |machine: &str| {
-        format!(
-            "/usr/bin/qemu-system-x86_64 -L /usr/share/qemu -machine {machine},accel=kvm,memory-backend=mem \
-             -object memory-backend-memfd,id=mem,size={mem},share=on -cpu host -m {mem} -nodefaults \
-             -no-user-config -display none -serial stdio -no-reboot -kernel /l3/vmlinuz \
-             -initrd /l3/initrd.gz -append '{append}'"
-        )
-    };
+    let qemu = |machine: &str| qemu_l3(machine, &mem, "");
     format!(
         r#"cs() {{ cut -d' ' -f1 /proc/uptime | tr -d .; }}
 measure() {{
@@ -63,11 +79,12 @@ measure() {{
 i=0
 while [ $i -lt {rounds} ]; do
   i=$((i+1))
-  measure vmm-frontend "exec /usr/bin/vmm-frontend --kernel /l3/vmlinuz --initramfs /l3/initrd.gz --memory {mem} --cmdline '{append}' --serial stdio"
+  measure vmm-frontend "exec {vmm}"
   measure qemu-q35 "exec {q35}"
   measure qemu-microvm "exec {microvm}"
 done
 "#,
+        vmm = vmm_l3(&mem, ""),
         q35 = qemu("q35"),
         microvm = qemu("microvm"),
     )
@@ -106,6 +123,66 @@ fn add_file(spec: GuestSpec, dest: &str, src: &Path, mode: u32) -> Result<GuestS
     })
 }
 
+/// Builds `packages` with the release profile; returns the directory of the binaries.
+pub(crate) fn build_release(packages: &[&str]) -> Result<PathBuf> {
+    step(&format!("building {} (release)", packages.join(", ")));
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "--release"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    crate::util::run(&mut cmd)?;
+    Ok(crate::man::target_dir().join("release"))
+}
+
+/// An L2 guest (nested KVM) that runs `script` within `timeout`, carrying QEMU with its
+/// firmware, the `programs` under `/usr/bin` (stripped), the shared libraries of all of
+/// them, and the L3 kernel and `l3_initrd` at `/l3/vmlinuz` and `/l3/initrd.gz`. Returns
+/// the spec and QEMU's version line.
+pub(crate) fn l2_spec(
+    script: &str,
+    timeout: Duration,
+    programs: &[PathBuf],
+    l3_initrd: &[u8],
+    work: &Path,
+) -> Result<(GuestSpec, String)> {
+    let qemu =
+        crate::util::which("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
+    let version = crate::util::output(Command::new(&qemu).arg("--version"))?
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut spec = GuestSpec::new(script).timeout(timeout);
+    let mut libs: Vec<PathBuf> = e2e::nested::libraries(&qemu);
+    for program in programs {
+        let name = program
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("bin");
+        spec = spec.exec_file(
+            &format!("/usr/bin/{name}"),
+            e2e::nested::stripped(program, work)?,
+        );
+        libs.extend(e2e::nested::libraries(program));
+    }
+    spec = add_file(spec, "/usr/bin/qemu-system-x86_64", &qemu, 0o755)?;
+    libs.sort();
+    libs.dedup();
+    for lib in libs {
+        spec = add_file(spec, &lib.display().to_string(), &lib, 0o755)?;
+    }
+    for fw in FIRMWARE {
+        let src = Path::new(fw);
+        if src.exists() {
+            let name = src.file_name().and_then(|n| n.to_str()).unwrap_or("fw");
+            spec = add_file(spec, &format!("/usr/share/qemu/{name}"), src, 0o644)?;
+        }
+    }
+    spec = add_file(spec, "/l3/vmlinuz", &e2e::paths::kernel(), 0o644)?;
+    Ok((spec.file("/l3/initrd.gz", l3_initrd), version))
+}
+
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> Result<()> {
     let mut rounds = 5u32;
@@ -125,49 +202,17 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     crate::deps::ensure_packages()?;
     crate::guest::build()?;
-    step("building vmm-frontend (release)");
-    crate::util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
-            "build",
-            "--release",
-            "-p",
-            "vmm-frontend",
-        ]),
-    )?;
-    let target = crate::man::target_dir();
-    let vmm = target.join("release/vmm-frontend");
-    let qemu =
-        crate::util::which("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
-    let version = crate::util::output(Command::new(&qemu).arg("--version"))?
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
-
+    let release = build_release(&["vmm-frontend"])?;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut spec = GuestSpec::new(&script(rounds, memory))
-        .timeout(Duration::from_secs(u64::from(rounds) * 3 * 90 + 60));
-    spec = spec.exec_file(
-        "/usr/bin/vmm-frontend",
-        e2e::nested::stripped(&vmm, work.path())?,
-    );
-    spec = add_file(spec, "/usr/bin/qemu-system-x86_64", &qemu, 0o755)?;
-    let mut libs: Vec<PathBuf> = e2e::nested::libraries(&qemu);
-    libs.extend(e2e::nested::libraries(&vmm));
-    libs.sort();
-    libs.dedup();
-    for lib in libs {
-        spec = add_file(spec, &lib.display().to_string(), &lib, 0o755)?;
-    }
-    for fw in FIRMWARE {
-        let src = Path::new(fw);
-        if src.exists() {
-            let name = src.file_name().and_then(|n| n.to_str()).unwrap_or("fw");
-            spec = add_file(spec, &format!("/usr/share/qemu/{name}"), src, 0o644)?;
-        }
-    }
-    spec = add_file(spec, "/l3/vmlinuz", &e2e::paths::kernel(), 0o644)?;
-    spec = add_file(spec, "/l3/initrd.gz", &e2e::paths::initrd(), 0o644)?;
+    let l3_initrd =
+        std::fs::read(e2e::paths::initrd()).map_err(|e| format!("cannot read the guest: {e}"))?;
+    let (spec, version) = l2_spec(
+        &script(rounds, memory),
+        Duration::from_secs(u64::from(rounds) * 3 * 90 + 60),
+        &[release.join("vmm-frontend")],
+        &l3_initrd,
+        work.path(),
+    )?;
 
     step(&format!(
         "booting the test guest {rounds} times with each VMM, alternating, in one nested-KVM guest"
@@ -222,7 +267,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "(boot ratio: the VMM's time over vmm-frontend's; {version}; the target is q35 >= 3x)"
     );
     print!("{table}");
-    let dir = target.join("bench");
+    let dir = crate::man::target_dir().join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("boot.json"), json).map_err(|e| e.to_string())?;
     step(&format!("written {}", dir.join("boot.json").display()));

@@ -1,6 +1,7 @@
 //! Project tasks, after the cargo-xtask convention: `cargo xtask <task>`.
 
 mod bench_blk;
+mod bench_blk_vmm;
 mod bench_boot;
 mod bench_console;
 mod bench_net;
@@ -39,6 +40,9 @@ tasks:
                    the VMM's own memory, same kernel, initramfs and KVM (nested here)
   bench blk        vhost-device-blk against qemu-storage-daemon: synthetic frontend (IOPS,
                    latency, CPU per request) and guest fio; table + JSON (--quick)
+  bench blk-vmm [--runs N] [--seconds S]
+                   guest fio on vhost-device-blk with vmm-frontend against QEMU q35 as the
+                   frontend, same guest, image and KVM (nested here); table + JSON
   bench net        our net daemon against QEMU's built-in virtio-net on a tap (vhost=off),
                    same guest and iperf3 runs: TCP each way, 64-byte UDP rate (--quick)
   bench vsock      our vsock daemon against rust-vmm's vhost-device-vsock (--quick)
@@ -71,6 +75,7 @@ fn main() {
         Some("install") => install::run(&args[1..]),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("blk") => bench_blk::run(&args[2..]),
+            Some("blk-vmm") => bench_blk_vmm::run(&args[2..]),
             Some("boot") => bench_boot::run(&args[2..]),
             Some("console") => bench_console::run(&args[2..]),
             Some("net") => bench_net::run(&args[2..]),
