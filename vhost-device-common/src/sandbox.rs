@@ -312,20 +312,32 @@ impl Sandbox {
     }
 }
 
-/// Makes glibc's malloc decide now what it would otherwise find out under the filter: the
-/// first time the process needs a ninth arena (a ninth thread allocating at once, e.g. the
-/// workers of a device with many queues), glibc reads `/sys/devices/system/cpu/online` to
-/// bound the number of arenas, an `openat` the filter kills. Setting the bound (glibc's own
-/// default, 8 per CPU) skips that read.
+/// Makes glibc's malloc decide now what it would otherwise find out under the filter, with a
+/// file it opens (an `openat` the filter kills):
+/// - the first time the process needs a ninth arena (a ninth thread allocating at once, e.g.
+///   the workers of a device with many queues), glibc reads `/sys/devices/system/cpu/online`
+///   to bound the number of arenas: setting the bound (glibc's own default, 8 per CPU)
+///   skips that read;
+/// - the first time `free` trims the top of a thread's heap (`shrink_heap`), glibc reads
+///   `/proc/sys/vm/overcommit_memory` (found by the vsock daemon's reconnections): a trim
+///   threshold no heap reaches keeps freed memory in the arena for reuse instead (whole
+///   thread heaps are still unmapped when they empty).
 fn settle_allocator() {
     #[cfg(target_env = "gnu")]
     {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: mallopt(3) sets an allocator tunable under the allocator's own lock; it
-        // reads and writes no memory of the caller.
-        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
-            log::warn!("cannot bound malloc's arenas; a busy daemon may die under the filter");
+        for (param, value) in [
+            (libc::M_ARENA_MAX, arenas),
+            (libc::M_TRIM_THRESHOLD, libc::c_int::MAX),
+        ] {
+            // SAFETY: mallopt(3) sets an allocator tunable under the allocator's own lock;
+            // it reads and writes no memory of the caller.
+            if unsafe { libc::mallopt(param, value) } != 1 {
+                log::warn!(
+                    "cannot set malloc tunable {param}; a busy daemon may die under the filter"
+                );
+            }
         }
     }
 }
