@@ -395,7 +395,7 @@ pub(crate) struct Row {
 
 impl Row {
     /// Above 1.0 means ours is better: IOPS ratio, or inverse latency ratio at QD1.
-    fn ratio(&self) -> f64 {
+    pub(crate) fn ratio(&self) -> f64 {
         if self.workload.depth == 1 {
             self.theirs.lat_us / self.ours.lat_us.max(1e-9)
         } else {

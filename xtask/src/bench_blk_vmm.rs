@@ -182,6 +182,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let mut rows = Vec::new();
+    let mut per_run = String::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let mut take = |name: &str| {
             figures
@@ -195,6 +196,30 @@ pub fn run(args: &[String]) -> Result<()> {
                 })
         };
         let (ours, theirs) = (take(OURS)?, take(THEIRS)?);
+        // Run k of each frontend ran back to back, so their ratio is free of the drift of
+        // a shared machine's load over the whole benchmark.
+        let paired: Vec<f64> = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(o, t)| {
+                Row {
+                    workload: *w,
+                    ours: *o,
+                    theirs: *t,
+                }
+                .ratio()
+            })
+            .collect();
+        let _ = writeln!(
+            per_run,
+            "{:18} | {}",
+            w.name,
+            paired
+                .iter()
+                .map(|r| format!("{r:5.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         rows.push(Row {
             workload: *w,
             ours: bench_blk::median(ours),
@@ -210,6 +235,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &rows,
         false,
     );
+    println!("ratio of each run's back-to-back pair (run 1 first):\n{per_run}");
     let mut json = String::from("{\n  \"machine\": ");
     let _ = write!(
         json,
