@@ -18,7 +18,7 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
     crate::deps::ensure_packages()?;
     if let Err(e) = crate::fuzz::ensure_cargo_fuzz() {
         step(&format!(
-            "cargo-fuzz not installed ({e}); fuzzing will be skipped"
+            "cargo-fuzz could not be installed ({e}); fuzzing will be skipped"
         ));
     }
     crate::guest::build()?;
@@ -48,9 +48,21 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
         ])),
     ));
     let aarch64 = "aarch64-unknown-linux-gnu";
-    let installed =
+    let target_installed = || {
         crate::util::output(Command::new("rustup").args(["target", "list", "--installed"]))
-            .is_ok_and(|t| t.lines().any(|l| l.trim() == aarch64));
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == aarch64))
+    };
+    let mut installed = target_installed();
+    if !installed {
+        // A fresh machine has only the host target: add it (this needs rustup's download
+        // server; where that is out of reach the build below says NOT BUILT).
+        step(&format!("rustup target add {aarch64}"));
+        let added = Command::new("timeout")
+            .args(["300", "rustup", "target", "add", aarch64])
+            .status()
+            .is_ok_and(|s| s.success());
+        installed = added && target_installed();
+    }
     let mut notes = Vec::new();
     if installed {
         // A real link (cross linker from gcc-aarch64-linux-gnu), not only a check, and
