@@ -183,6 +183,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let mut rows = Vec::new();
     let mut per_run = String::new();
+    let mut paired_json = String::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let mut take = |name: &str| {
             figures
@@ -210,15 +211,22 @@ pub fn run(args: &[String]) -> Result<()> {
                 .ratio()
             })
             .collect();
+        let mut sorted = paired.clone();
+        sorted.sort_by(f64::total_cmp);
+        let list = |f: &dyn Fn(&f64) -> String| paired.iter().map(f).collect::<Vec<_>>();
         let _ = writeln!(
             per_run,
-            "{:18} | {}",
+            "{:18} | median {:5.2} | {}",
             w.name,
-            paired
-                .iter()
-                .map(|r| format!("{r:5.2}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+            list(&|r| format!("{r:5.2}")).join(" ")
+        );
+        let _ = write!(
+            paired_json,
+            "{}\"{}\": [{}]",
+            if i == 0 { "" } else { ", " },
+            w.name,
+            list(&|r| format!("{r:.3}")).join(", ")
         );
         rows.push(Row {
             workload: *w,
@@ -235,7 +243,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &rows,
         false,
     );
-    println!("ratio of each run's back-to-back pair (run 1 first):\n{per_run}");
+    println!("ratio within each run's back-to-back pair (run 1 first):\n{per_run}");
     let mut json = String::from("{\n  \"machine\": ");
     let _ = write!(
         json,
@@ -250,6 +258,7 @@ pub fn run(args: &[String]) -> Result<()> {
         s.seconds
     );
     bench_blk::rows_json(&mut json, "guest", &rows);
+    let _ = write!(json, ",\n  \"paired_ratios\": {{{paired_json}}}");
     json.push_str("\n}\n");
     if let Some(dir) = s.json.parent() {
         crate::util::mkdir(dir)?;
