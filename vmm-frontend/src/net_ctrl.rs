@@ -57,8 +57,8 @@ const VQ_PAIRS_MAX: u16 = 0x8000;
 /// Longest command accepted (class, command and data): a MAC table of a few hundred
 /// entries. Longer chains are answered `VIRTIO_NET_ERR` without being read.
 const MAX_COMMAND: usize = 8192;
-/// Size of the control queue's ring the driver may choose at most.
-pub const CTRL_QUEUE_SIZE: u16 = 64;
+/// Largest split ring (the transport offers less).
+const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// The queues the guest sees for a net device: one pair, or `pairs` pairs and the control
 /// queue when the command line asks for several and the daemon serves them (it reports
@@ -223,21 +223,22 @@ pub struct Ring {
     pub used: u64,
 }
 
-/// Builds a `virtio-queue` queue on the driver's ring, refusing one outside guest memory.
-pub fn make_queue<M: GuestMemory>(
-    mem: &M,
-    ring: Ring,
-    features: u64,
-) -> Result<Queue, virtio_queue::Error> {
-    let mut q = Queue::new(CTRL_QUEUE_SIZE.max(ring.size))?;
-    q.try_set_size(ring.size)?;
-    q.try_set_desc_table_address(GuestAddress(ring.desc))?;
-    q.try_set_avail_ring_address(GuestAddress(ring.avail))?;
-    q.try_set_used_ring_address(GuestAddress(ring.used))?;
+/// Builds a `virtio-queue` queue on the driver's ring, refusing a size that is not a power
+/// of two and a ring outside guest memory.
+pub fn make_queue<M: GuestMemory>(mem: &M, ring: Ring, features: u64) -> Result<Queue, String> {
+    let bad = |e: virtio_queue::Error| format!("the control queue: {e}");
+    let mut q = Queue::new(MAX_QUEUE_SIZE).map_err(bad)?;
+    q.try_set_size(ring.size).map_err(bad)?;
+    q.try_set_desc_table_address(GuestAddress(ring.desc))
+        .map_err(bad)?;
+    q.try_set_avail_ring_address(GuestAddress(ring.avail))
+        .map_err(bad)?;
+    q.try_set_used_ring_address(GuestAddress(ring.used))
+        .map_err(bad)?;
     q.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
     q.set_ready(true);
     if !q.is_valid(mem) {
-        return Err(virtio_queue::Error::InvalidSize);
+        return Err("the control queue's rings are not in guest memory".into());
     }
     Ok(q)
 }
@@ -509,6 +510,22 @@ mod tests {
         }
         assert_eq!(vq.used().idx().load(), chains.len() as u16);
         (out, pairs)
+    }
+
+    #[test]
+    fn queues_the_driver_cannot_have() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let ring = |size, desc| Ring {
+            size,
+            desc,
+            avail: 0x2000,
+            used: 0x3000,
+        };
+        assert!(make_queue(&mem, ring(64, 0x1000), 0).is_ok());
+        assert!(make_queue(&mem, ring(0, 0x1000), 0).is_err());
+        assert!(make_queue(&mem, ring(63, 0x1000), 0).is_err());
+        assert!(make_queue(&mem, ring(64, 1 << 40), 0).is_err());
     }
 
     #[test]

@@ -879,6 +879,17 @@ mod tests {
         assert_eq!(guest_queues(DeviceKind::Blk, 2, None), 2);
         assert_eq!(guest_queues(DeviceKind::Blk, 2, Some(0)), 1);
         assert_eq!(guest_queues(DeviceKind::Net, 1, Some(3)), 2);
+        assert_eq!(
+            guest_queues(DeviceKind::Net, 2, Some(4)),
+            5,
+            "2 pairs and control"
+        );
+        assert_eq!(
+            daemon_queue_count(DeviceKind::Net, 5),
+            4,
+            "not the control queue"
+        );
+        assert_eq!(daemon_queue_count(DeviceKind::Net, 2), 2);
         assert_eq!(guest_queues(DeviceKind::Vsock, 1, Some(2)), 3);
         assert_eq!(daemon_queue_count(DeviceKind::Vsock, 3), 2);
         assert_eq!(guest_queues(DeviceKind::Console, 1, Some(6)), 6);
