@@ -37,7 +37,7 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// How the daemon confines itself (`--seccomp`, `--user`), for [`crate::serve`].
+    /// How the daemon confines itself (`--seccomp`, `--user`), for [`crate::serve()`].
     pub fn sandbox(&self) -> Sandbox {
         Sandbox {
             seccomp: self.seccomp,

@@ -1,7 +1,7 @@
 //! Exit events for vhost-user-backend's worker threads.
 //!
 //! vhost-user-backend ends a worker thread's event loop when the event a backend returns
-//! from `exit_event` fires. [`crate::serve`] fires them all after each frontend disconnects,
+//! from `exit_event` fires. [`crate::serve()`] fires them all after each frontend disconnects,
 //! so every connection's workers are joined and nothing leaks from one connection to the next.
 
 use vmm_sys_util::event::{

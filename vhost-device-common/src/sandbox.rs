@@ -1,7 +1,7 @@
 //! Confining a daemon once its sockets and files are open: an optional drop to another user
 //! (`--user`) and a seccomp allow-list of system calls (`--seccomp`), as Firecracker does.
 //!
-//! [`crate::serve`] calls [`Sandbox::enter`] after the listening socket, the image, the tap or
+//! [`crate::serve()`] calls [`Sandbox::enter`] after the listening socket, the image, the tap or
 //! the endpoints are open and before it starts the accept thread, so every connection's
 //! worker threads start confined. The filter is installed with `SECCOMP_FILTER_FLAG_TSYNC`,
 //! so a thread a device started earlier (the console's endpoint threads) gets it too.

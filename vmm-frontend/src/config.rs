@@ -30,6 +30,8 @@ pub struct Args {
     #[arg(long, value_name = "socket=PATH[,queues=N]")]
     pub blk: Vec<String>,
     /// A vhost-user network device: socket=PATH[,queues=N][,mac=MAC]. Repeat for several.
+    // The comment is `--help` text, where brackets mean "optional", not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "socket=PATH[,queues=N][,mac=MAC]")]
     pub net: Vec<String>,
     /// A vhost-user vsock device: socket=PATH,cid=N.

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the project's one test command (the README's, and CI's).
 //!
-//! Installs what is missing, builds the guest image, then runs `cargo fmt --check`,
-//! clippy with `-D warnings`, `cargo test --workspace` and 30 s of each fuzz target, and
+//! Installs what is missing, builds the guest images, then runs `cargo fmt --check`,
+//! clippy and `cargo doc` with `-D warnings`, the aarch64 build, `cargo test --workspace`
+//! and 30 s of each fuzz target, and
 //! prints a summary that names every test that was skipped and why.
 
 use std::process::Command;
@@ -46,6 +47,13 @@ pub fn run_all(extra_test_args: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ])),
+    ));
+    step("cargo doc");
+    results.push((
+        "RUSTDOCFLAGS=-D warnings cargo doc --workspace --no-deps",
+        run(cargo()
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["doc", "--workspace", "--no-deps"])),
     ));
     let aarch64 = "aarch64-unknown-linux-gnu";
     let target_installed = || {
