@@ -802,8 +802,13 @@ impl VirtioBackend for VhostUserDevice {
         }
         let mem = c.mem.clone();
         drop(c);
+        // Only a net device with several pairs has a control queue (the VMM's): the queue
+        // at that index on another device (a console's control queue) is the daemon's.
         let ctrl_index = self.net_pairs.saturating_mul(2);
-        if let (Ok(()), Some(q)) = (&r, queues.iter().find(|q| q.index == ctrl_index)) {
+        let ctrl_queue = queues
+            .iter()
+            .find(|q| self.kind == DeviceKind::Net && self.net_pairs > 1 && q.index == ctrl_index);
+        if let (Ok(()), Some(q)) = (&r, ctrl_queue) {
             let conn = self.conn.clone();
             let set_pairs = Box::new(move |n| lock(&conn).set_pairs(n));
             self.ctrl = Some(crate::net_ctrl::start(
