@@ -69,17 +69,7 @@ impl Daemon {
     fn start_on(dir: tempfile::TempDir, image: PathBuf, args: &[&str]) -> Daemon {
         let sock = dir.path().join("blk.sock");
         let log = fs::File::create(dir.path().join("daemon.log")).expect("log");
-        let mut cmd = Command::new(e2e::bin_path("vhost-device-blk"));
-        cmd.arg("--socket-path")
-            .arg(&sock)
-            .arg("--image")
-            .arg(&image)
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = ChildGuard::spawn("vhost-device-blk", cmd).expect("spawn");
+        let child = spawn_daemon(&sock, &image, args, log);
         let d = Daemon {
             child,
             dir,
@@ -101,17 +91,7 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("log");
-        let mut cmd = Command::new(e2e::bin_path("vhost-device-blk"));
-        cmd.arg("--socket-path")
-            .arg(&self.sock)
-            .arg("--image")
-            .arg(&self.image)
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.child = ChildGuard::spawn("vhost-device-blk", cmd).expect("spawn");
+        self.child = spawn_daemon(&self.sock, &self.image, args, log);
     }
 
     fn connect(&self, options: Options) -> Blk {
@@ -124,6 +104,22 @@ impl Daemon {
         let all = fs::read(&self.image).expect("read image");
         all[offset as usize..offset as usize + len].to_vec()
     }
+}
+
+/// Starts `vhost-device-blk` on `sock` and `image` with extra `args`, logging (at debug
+/// level) to `log`.
+fn spawn_daemon(sock: &Path, image: &Path, args: &[&str], log: fs::File) -> ChildGuard {
+    let mut cmd = Command::new(e2e::bin_path("vhost-device-blk"));
+    cmd.arg("--socket-path")
+        .arg(sock)
+        .arg("--image")
+        .arg(image)
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    ChildGuard::spawn("vhost-device-blk", cmd).expect("spawn")
 }
 
 /// The in-test virtio-blk driver.

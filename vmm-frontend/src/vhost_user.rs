@@ -476,27 +476,12 @@ impl Conn {
         if self.backend_features & PROTOCOL_FEATURES_BIT != 0 {
             acked |= PROTOCOL_FEATURES_BIT;
         }
-        let dup = |fd: &EventFd| {
-            fd.try_clone()
-                .map_err(|e| format!("dup of an eventfd: {e}"))
-        };
-        let rings = queues
-            .iter()
-            .filter(|q| q.index < self.daemon_queues)
-            .map(|q| {
-                Ok(Ring {
-                    index: usize::from(q.index),
-                    size: q.size,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    kick: dup(q.kick)?,
-                    call: dup(q.call)?,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        let vsock_event = match queues.iter().find(|q| q.index == VSOCK_EVENT_QUEUE) {
-            Some(q) if self.kind == DeviceKind::Vsock => Some(Ring {
+        let ring = |q: &ActiveQueue<'_>| -> Result<Ring, String> {
+            let dup = |fd: &EventFd| {
+                fd.try_clone()
+                    .map_err(|e| format!("dup of an eventfd: {e}"))
+            };
+            Ok(Ring {
                 index: usize::from(q.index),
                 size: q.size,
                 desc: q.desc,
@@ -504,7 +489,15 @@ impl Conn {
                 used: q.used,
                 kick: dup(q.kick)?,
                 call: dup(q.call)?,
-            }),
+            })
+        };
+        let rings = queues
+            .iter()
+            .filter(|q| q.index < self.daemon_queues)
+            .map(ring)
+            .collect::<Result<Vec<_>, String>>()?;
+        let vsock_event = match queues.iter().find(|q| q.index == VSOCK_EVENT_QUEUE) {
+            Some(q) if self.kind == DeviceKind::Vsock => Some(ring(q)?),
             _ => None,
         };
         if self
