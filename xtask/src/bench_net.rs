@@ -103,6 +103,9 @@ impl Subject {
 #[derive(Debug, Default)]
 struct Figures {
     values: Vec<(&'static str, Option<f64>)>,
+    /// The guest's virtio interrupts during each test (a diagnostic: an emulated guest
+    /// pays for every one).
+    irqs: Vec<(&'static str, Option<u64>)>,
     daemon_cpu_s: Option<f64>,
 }
 
@@ -199,7 +202,8 @@ fn guest_script(seconds: u64) -> String {
     let mut s = format!(
         "ip link set eth0 up\nip addr add {GUEST}/24 dev eth0\n\
          i=0; until ping -c1 -W1 {HOST} >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i+1)); done\n\
-         echo BENCH-PING-TRIES=$i\n"
+         echo BENCH-PING-TRIES=$i\n\
+         irqs() {{ awk '/virtio/ {{ for (i = 2; i <= NF; i++) {{ if ($i ~ /^[0-9]+$/) s += $i; else break }} }} END {{ print s + 0 }}' /proc/interrupts; }}\n"
     );
     let runs = [
         ("tcp_tx", ""),
@@ -209,7 +213,7 @@ fn guest_script(seconds: u64) -> String {
     ];
     for (name, flags) in runs {
         s.push_str(&format!(
-            "echo BENCH-{name}; iperf3 -c {HOST} -p 5201 -t {seconds} -f m {flags} 2>&1 | grep -E 'receiver|error'\n"
+            "echo BENCH-{name}; i0=$(irqs); iperf3 -c {HOST} -p 5201 -t {seconds} -f m {flags} 2>&1 | grep -E 'receiver|error'; echo BENCH-IRQS-{name}=$(( $(irqs) - i0 ))\n"
         ));
     }
     s.push_str("echo BENCH-END\n");
@@ -354,7 +358,29 @@ fn measure(
             );
         }
         figures.values.push((name, value));
+        let irqs = watched
+            .output
+            .split(&format!("BENCH-IRQS-{name}="))
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|v| v.parse().ok());
+        figures.irqs.push((name, irqs));
     }
+    eprintln!(
+        "bench net: {}: {}",
+        subject.name(),
+        figures
+            .values
+            .iter()
+            .zip(&figures.irqs)
+            .map(|((name, v), (_, i))| format!(
+                "{name} {} ({} guest interrupts)",
+                v.map_or_else(|| "failed".into(), |v| format!("{v:.0}")),
+                i.map_or_else(|| "?".into(), |i| i.to_string())
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     drop(guards);
     Ok(figures)
 }
