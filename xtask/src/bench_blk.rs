@@ -17,7 +17,8 @@
 //! Options: `--quick` (short runs), `--runs N`, `--seconds S` (per synthetic run),
 //! `--synthetic-only`, `--guest-only`, `--queues N` (guest), `--json PATH`
 //! (default `target/bench/blk.json`), `--peer-aio threads|io_uring` (default io_uring,
-//! qemu-storage-daemon's fastest here), `--ours-engine io-uring|sync` (default: the daemon's).
+//! qemu-storage-daemon's fastest here), `--ours-engine io-uring|sync` (default: the daemon's),
+//! `--only TEXT` (only the synthetic workloads whose name contains TEXT).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -127,6 +128,8 @@ struct Settings {
     json: PathBuf,
     synthetic: bool,
     guest: bool,
+    /// Only the synthetic workloads whose name contains this.
+    only: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Settings> {
@@ -151,6 +154,7 @@ fn parse(args: &[String]) -> Result<Settings> {
         "--json",
         "--peer-aio",
         "--ours-engine",
+        "--only",
     ];
     let mut i = 0;
     while i < args.len() {
@@ -191,6 +195,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             .unwrap_or_else(|| e2e::paths::workspace_root().join("target/bench/blk.json")),
         synthetic: !args.iter().any(|a| a == "--guest-only"),
         guest: !args.iter().any(|a| a == "--synthetic-only"),
+        only: value("--only").cloned(),
     })
 }
 
@@ -417,6 +422,12 @@ pub(crate) fn median(mut figures: Vec<Figure>) -> Figure {
 fn synthetic(s: &Settings, ours: &Path, image: &Path, dir: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for w in WORKLOADS {
+        if s.only
+            .as_ref()
+            .is_some_and(|o| !w.name.contains(o.as_str()))
+        {
+            continue;
+        }
         let mut figures: HashMap<&str, Vec<Figure>> = HashMap::new();
         for run in 0..s.runs {
             // Alternate who goes first, so neither always finds a warm cache.
