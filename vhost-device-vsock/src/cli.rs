@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["vm", "config"])]
     pub uds_path: Option<PathBuf>,
 
-    /// Receive buffer per connection advertised to the guest, in bytes [default: 65536].
+    /// Receive buffer per connection advertised to the guest, in bytes [default: 262144].
     #[arg(long, value_name = "BYTES", conflicts_with_all = ["vm", "config"])]
     pub tx_buffer_size: Option<u32>,
 

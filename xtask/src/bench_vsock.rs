@@ -10,8 +10,9 @@
 //!   timing of stream throughput each way and of connections per second.
 //!
 //! Both daemons are started with the same arguments (`--guest-cid`, the vhost-user socket,
-//! `--uds-path`, and the same `--tx-buffer-size`: the peer's default 65536, or
-//! `VSOCK_BENCH_TX_BUFFER`). `VSOCK_BENCH_TX_PKT` sets the synthetic driver's TX packet
+//! `--uds-path`), each with its own default `--tx-buffer-size` (ours 256 KiB, the peer's
+//! 64 KiB: what a user who swaps one for the other gets), or both with
+//! `VSOCK_BENCH_TX_BUFFER` bytes. `VSOCK_BENCH_TX_PKT` sets the synthetic driver's TX packet
 //! size (default 64 KiB); `VSOCK_BENCH_LOG=DIR` keeps the daemons' debug logs;
 //! `VSOCK_BENCH_WRAP="valgrind --tool=callgrind"` starts our daemon under that command (to
 //! profile it: instruction counts are steady where wall time on a shared machine is not).
@@ -47,7 +48,6 @@ fn tx_pkt() -> usize {
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 const CID: u64 = 3;
 const PEER_VERSION: &str = "0.3.0";
-const TX_BUFFER_SIZE: &str = "65536";
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -207,9 +207,10 @@ impl Running {
             .arg(&sock)
             .arg("--uds-path")
             .arg(dir.path().join("vm.vsock"))
-            .arg("--tx-buffer-size")
-            .arg(std::env::var("VSOCK_BENCH_TX_BUFFER").unwrap_or_else(|_| TX_BUFFER_SIZE.into()))
             .stdout(Stdio::null());
+        if let Ok(bytes) = std::env::var("VSOCK_BENCH_TX_BUFFER") {
+            cmd.arg("--tx-buffer-size").arg(bytes);
+        }
         // VSOCK_BENCH_LOG=DIR keeps each daemon's debug log there, for diagnosis.
         match std::env::var_os("VSOCK_BENCH_LOG") {
             Some(log_dir) => {
@@ -266,7 +267,11 @@ struct Figures {
 
 fn print_table(title: &str, a: &Subject, fa: &Figures, b: &Subject, fb: &Figures) {
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
-    println!("\n== vsock: {title} ==");
+    let buffers = std::env::var("VSOCK_BENCH_TX_BUFFER").map_or_else(
+        |_| "each daemon's default tx-buffer-size (ours 262144, the peer's 65536)".to_string(),
+        |b| format!("tx-buffer-size {b} for both"),
+    );
+    println!("\n== vsock: {title}; {buffers} ==");
     println!("{:<34} {:>14} {:>24} {:>8}", "", a.name, b.name, "ratio");
     let rows = [
         (
