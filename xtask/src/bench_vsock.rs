@@ -7,7 +7,9 @@
 //!   emulated CPU is in the way. Reports throughput each way, the daemon's CPU time per
 //!   MiB (from `/proc/<pid>/stat`), and connections per second.
 //! - guest: the test guest under QEMU (TCG here) with `socat` in the guest; host-side
-//!   timing of stream throughput each way and of connections per second.
+//!   timing of stream throughput each way (guest->host also with 64 KiB writes) and of
+//!   connections per second, and, timed in the guest, the guest's own ceiling for the
+//!   guest->host pipeline (`dd | socat` into `/dev/null`, no vsock in it).
 //!
 //! Both daemons are started with the same arguments (`--guest-cid`, the vhost-user socket,
 //! `--uds-path`), each with its own default `--tx-buffer-size` (ours 256 KiB, the peer's
@@ -263,6 +265,12 @@ struct Figures {
     h2g_mibs: f64,
     h2g_cpu_ms_per_mib: f64,
     conns_per_s: f64,
+    /// Guest->host with the guest writing 64 KiB at a time (`socat -b 65536`) instead of
+    /// socat's 8 KiB (real guest only).
+    g2h_64k_mibs: f64,
+    /// The guest's own ceiling for the guest->host workload: the same `dd | socat`
+    /// pipeline writing to `/dev/null` instead of a vsock socket (real guest only).
+    guest_ceiling_mibs: f64,
 }
 
 fn print_table(title: &str, a: &Subject, fa: &Figures, b: &Subject, fb: &Figures) {
@@ -279,6 +287,12 @@ fn print_table(title: &str, a: &Subject, fa: &Figures, b: &Subject, fb: &Figures
             fa.g2h_mibs,
             fb.g2h_mibs,
             ratio(fa.g2h_mibs, fb.g2h_mibs),
+        ),
+        (
+            "guest->host MiB/s, 64 KiB writes",
+            fa.g2h_64k_mibs,
+            fb.g2h_64k_mibs,
+            ratio(fa.g2h_64k_mibs, fb.g2h_64k_mibs),
         ),
         (
             "host->guest MiB/s",
@@ -310,6 +324,17 @@ fn print_table(title: &str, a: &Subject, fa: &Figures, b: &Subject, fb: &Figures
             continue;
         }
         println!("{name:<34} {x:>14.2} {y:>24.2} {r:>7.2}x");
+    }
+    if fa.guest_ceiling_mibs > 0.0 && fb.guest_ceiling_mibs > 0.0 {
+        let pct = |x: f64, c: f64| 100.0 * x / c;
+        println!(
+            "{:<34} {:>14.2} {:>24.2}   (guest->host as % of it: ours {:.0}%, peer {:.0}%)",
+            "guest ceiling, dd|socat >/dev/null",
+            fa.guest_ceiling_mibs,
+            fb.guest_ceiling_mibs,
+            pct(fa.g2h_mibs, fa.guest_ceiling_mibs),
+            pct(fb.g2h_mibs, fb.guest_ceiling_mibs),
+        );
     }
     println!("(ratio: ours/peer for rates, peer/ours for CPU per MiB; higher is better for ours)");
 }
@@ -543,6 +568,8 @@ fn median(all: &[Figures]) -> Figures {
         h2g_mibs: m(|f| f.h2g_mibs),
         h2g_cpu_ms_per_mib: m(|f| f.h2g_cpu_ms_per_mib),
         conns_per_s: m(|f| f.conns_per_s),
+        g2h_64k_mibs: m(|f| f.g2h_64k_mibs),
+        guest_ceiling_mibs: m(|f| f.guest_ceiling_mibs),
     }
 }
 
@@ -560,6 +587,7 @@ fn synthetic_round(s: &Subject, mib: usize, conns: usize) -> Result<Figures> {
         h2g_mibs,
         h2g_cpu_ms_per_mib,
         conns_per_s,
+        ..Figures::default()
     };
     eprintln!(
         "  {}: guest->host {:.1} MiB/s ({:.2} ms CPU/MiB), host->guest {:.1} MiB/s ({:.2} ms CPU/MiB), {:.0} conn/s",
@@ -754,22 +782,8 @@ fn guest_suite(qemu: &e2e::Qemu, s: &Subject, mib: usize, conns: usize) -> Resul
     let d = Running::start(s)?;
     let total = mib << 20;
     // guest->host: first to last byte, timed on the host.
-    let g2h = UnixListener::bind(d.port(5000)).map_err(|e| e.to_string())?;
-    let g2h_thread = std::thread::spawn(move || -> Option<(usize, Duration)> {
-        let (mut s, _) = g2h.accept().ok()?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut got = 0;
-        let mut t0 = None;
-        loop {
-            let n = s.read(&mut buf).ok()?;
-            if n == 0 {
-                break;
-            }
-            t0.get_or_insert_with(Instant::now);
-            got += n;
-        }
-        Some((got, t0?.elapsed()))
-    });
+    let g2h_thread = receive_one(UnixListener::bind(d.port(5000)).map_err(|e| e.to_string())?);
+    let g2h_64k_thread = receive_one(UnixListener::bind(d.port(5003)).map_err(|e| e.to_string())?);
     // host->guest: from OK to the guest's "done" connection on port 5002.
     let done = UnixListener::bind(d.port(5002)).map_err(|e| e.to_string())?;
     let uds = d.uds();
@@ -811,8 +825,15 @@ fn guest_suite(qemu: &e2e::Qemu, s: &Subject, mib: usize, conns: usize) -> Resul
         }
         Some((n, last))
     });
+    // The ceiling first: the same pipeline with no vsock in it, timed in the guest
+    // (/proc/uptime, 10 ms resolution, plenty for transfers of a second or more).
     let script = format!(
-        "dd if=/dev/zero bs=1M count={mib} 2>/dev/null | socat -u - VSOCK-CONNECT:2:5000\n\
+        "t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         dd if=/dev/zero bs=1M count={mib} 2>/dev/null | socat -u - /dev/null\n\
+         t1=$(cut -d' ' -f1 /proc/uptime)\n\
+         echo BENCH-CEILING $t0 $t1\n\
+         dd if=/dev/zero bs=1M count={mib} 2>/dev/null | socat -u - VSOCK-CONNECT:2:5000\n\
+         dd if=/dev/zero bs=1M count={mib} 2>/dev/null | socat -b 65536 -u - VSOCK-CONNECT:2:5003\n\
          socat -u VSOCK-LISTEN:6000 - | wc -c\n\
          socat -u /dev/null VSOCK-CONNECT:2:5002\n\
          i=0; while [ $i -lt {conns} ]; do socat -u /dev/null VSOCK-CONNECT:2:5001; i=$((i+1)); done\n\
@@ -839,34 +860,72 @@ fn guest_suite(qemu: &e2e::Qemu, s: &Subject, mib: usize, conns: usize) -> Resul
         cpu.as_secs_f64(),
         run.duration.as_secs_f64()
     );
-    let (g2h_bytes, g2h_time) = g2h_thread
-        .join()
-        .ok()
-        .flatten()
-        .ok_or("guest->host transfer failed")?;
-    if g2h_bytes != total {
-        return Err(format!(
-            "{}: host received {g2h_bytes} of {total} bytes",
-            s.name
-        ));
+    let mut g2h_times = [Duration::ZERO; 2];
+    for (thread, time) in [g2h_thread, g2h_64k_thread].into_iter().zip(&mut g2h_times) {
+        let (bytes, t) = thread
+            .join()
+            .ok()
+            .flatten()
+            .ok_or("guest->host transfer failed")?;
+        if bytes != total {
+            return Err(format!(
+                "{}: host received {bytes} of {total} bytes",
+                s.name
+            ));
+        }
+        *time = t;
     }
+    let [g2h_time, g2h_64k_time] = g2h_times;
     let h2g_time = h2g_thread
         .join()
         .ok()
         .flatten()
         .ok_or("host->guest transfer failed")?;
     let (n, span) = c_thread.join().ok().flatten().ok_or("connections failed")?;
+    let ceiling_secs = run
+        .output
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("BENCH-CEILING ")?;
+            let mut it = rest.split_whitespace().map(str::parse::<f64>);
+            let (t0, t1) = (it.next()?.ok()?, it.next()?.ok()?);
+            Some(t1 - t0)
+        })
+        .ok_or_else(|| format!("{}: the guest printed no BENCH-CEILING line", s.name))?;
     let f = Figures {
+        guest_ceiling_mibs: mib as f64 / ceiling_secs.max(0.01),
         g2h_mibs: mib as f64 / g2h_time.as_secs_f64(),
+        g2h_64k_mibs: mib as f64 / g2h_64k_time.as_secs_f64(),
         h2g_mibs: mib as f64 / h2g_time.as_secs_f64(),
         conns_per_s: (n.saturating_sub(1)) as f64 / span.as_secs_f64().max(1e-9),
         ..Figures::default()
     };
     eprintln!(
-        "  {}: guest->host {:.1} MiB/s, host->guest {:.1} MiB/s, {:.1} conn/s",
-        s.name, f.g2h_mibs, f.h2g_mibs, f.conns_per_s
+        "  {}: guest->host {:.1} MiB/s ({:.1} with 64 KiB writes; the guest alone {:.1}), \
+         host->guest {:.1} MiB/s, {:.1} conn/s",
+        s.name, f.g2h_mibs, f.g2h_64k_mibs, f.guest_ceiling_mibs, f.h2g_mibs, f.conns_per_s
     );
     Ok(f)
+}
+
+/// Accepts one connection on `listener` and reads it to the end: the bytes received and
+/// the time from the first to the last.
+fn receive_one(listener: UnixListener) -> std::thread::JoinHandle<Option<(usize, Duration)>> {
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().ok()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        let mut t0 = None;
+        loop {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            t0.get_or_insert_with(Instant::now);
+            got += n;
+        }
+        Some((got, t0?.elapsed()))
+    })
 }
 
 /// The hybrid-vsock handshake: `CONNECT port`, then `OK ...`.
