@@ -36,16 +36,6 @@ fn run(args: Args) -> Result<(), Error> {
             VsockDevice::new(vm, registry.clone()).map_err(|e| Error::device("cannot start", e))?;
         devices.push((Arc::new(device), listener));
     }
-    // glibc's free() in a thread's arena trims the heap top through shrink_heap(), whose
-    // first call opens /proc/sys/vm/overcommit_memory: the seccomp filter kills the daemon
-    // there (seen with `strace -k`: drop of a Connection -> free -> openat). A trim
-    // threshold no heap top reaches keeps free() from trimming (memory stays in the arena
-    // for reuse; whole thread heaps are still unmapped). Before the filter, before threads.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt(3) only sets a malloc tunable; no other thread runs yet.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
-    }
     serve_many(devices, &common.sandbox())?;
     Ok(())
 }

@@ -409,14 +409,17 @@ impl Row {
     }
 }
 
-pub(crate) fn median(mut figures: Vec<Figure>) -> Figure {
-    figures.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-    let mut m = figures.get(figures.len() / 2).copied().unwrap_or_default();
-    // Latency medians from the same set, sorted on their own.
-    let mut lat: Vec<f64> = figures.iter().map(|f| f.lat_us).collect();
-    lat.sort_by(f64::total_cmp);
-    m.lat_us = lat.get(lat.len() / 2).copied().unwrap_or(0.0);
-    m
+/// The median of each figure over the runs, taken on its own.
+pub(crate) fn median(figures: Vec<Figure>) -> Figure {
+    let m =
+        |f: fn(&Figure) -> f64| crate::util::median(figures.iter().map(f).collect()).unwrap_or(0.0);
+    Figure {
+        iops: m(|f| f.iops),
+        mibs: m(|f| f.mibs),
+        lat_us: m(|f| f.lat_us),
+        p99_us: m(|f| f.p99_us),
+        cpu_us: m(|f| f.cpu_us),
+    }
 }
 
 fn synthetic(s: &Settings, ours: &Path, image: &Path, dir: &Path) -> Result<Vec<Row>> {

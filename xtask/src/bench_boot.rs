@@ -109,9 +109,15 @@ fn parse(line: &str) -> Option<(String, u64, u64, u64)> {
     Some((name, ms, anon, hwm))
 }
 
+/// The median (the mean of the two middle values for an even count; 0 for none).
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+    let mid = v.len() / 2;
+    match v.len() {
+        0 => 0,
+        n if n % 2 == 1 => v[mid],
+        _ => v[mid - 1].midpoint(v[mid]),
+    }
 }
 
 fn add_file(spec: GuestSpec, dest: &str, src: &Path, mode: u32) -> Result<GuestSpec> {

@@ -422,7 +422,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// The median of a subject's figure for `name` over the rounds that produced one.
 fn median(results: &[(Subject, Figures)], subject: Subject, name: &str) -> Option<f64> {
-    let mut values: Vec<f64> = results
+    let values: Vec<f64> = results
         .iter()
         .filter(|(s, _)| *s == subject)
         .filter_map(|(_, f)| {
@@ -432,13 +432,7 @@ fn median(results: &[(Subject, Figures)], subject: Subject, name: &str) -> Optio
                 .and_then(|(_, v)| *v)
         })
         .collect();
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    match values.len() {
-        0 => None,
-        n if n % 2 == 1 => values.get(mid).copied(),
-        _ => Some((values[mid - 1] + values[mid]) / 2.0),
-    }
+    crate::util::median(values)
 }
 
 fn print_table(results: &[(Subject, Figures)], seconds: u64, cpus: u64, rounds: u64, kvm: bool) {

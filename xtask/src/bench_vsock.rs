@@ -557,11 +557,8 @@ fn rounds_of(
 }
 
 fn median(all: &[Figures]) -> Figures {
-    let m = |f: fn(&Figures) -> f64| {
-        let mut v: Vec<f64> = all.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
+    let m =
+        |f: fn(&Figures) -> f64| crate::util::median(all.iter().map(f).collect()).unwrap_or(0.0);
     Figures {
         g2h_mibs: m(|f| f.g2h_mibs),
         g2h_cpu_ms_per_mib: m(|f| f.g2h_cpu_ms_per_mib),

@@ -85,3 +85,28 @@ pub fn cpu_time(pid: u32) -> std::time::Duration {
         .unwrap_or(100);
     std::time::Duration::from_micros(ticks * 1_000_000 / hz.max(1))
 }
+
+/// The median of `values` (the mean of the two middle ones for an even count), or `None`
+/// for no values. NaNs sort last.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => values.get(mid).copied(),
+        _ => Some((values[mid - 1] + values[mid]) / 2.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_no_values() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![7.0]), Some(7.0));
+        assert_eq!(median(Vec::new()), None);
+    }
+}
