@@ -362,8 +362,8 @@ pub fn run_l2(command: &str, timeout: Duration) -> Result<GuestRun, Error> {
     run_l2_spec(&GuestSpec::new(command).timeout(timeout))
 }
 
-/// Like [`run_l2`], with the spec's extra files in L2 (a benchmark's programs); its
-/// devices are ignored.
+/// Like [`run_l2`], with the spec's extra files in L2 (a benchmark's programs) and its
+/// vCPU count (1 unless the spec asks for more); its devices are ignored.
 pub fn run_l2_spec(spec: &GuestSpec) -> Result<GuestRun, Error> {
     let command = &spec.command;
     let timeout = spec.timeout;
@@ -381,7 +381,7 @@ pub fn run_l2_spec(spec: &GuestSpec) -> Result<GuestRun, Error> {
     let initrd = work.path().join("l2-initrd.gz");
     compose_initrd(&paths::initrd(), &[&extra], &initrd)
         .map_err(|e| Error::Setup(e.to_string()))?;
-    let mut cmd = l2_command(&qemu, &paths::kernel(), &initrd);
+    let mut cmd = l2_command_with(&qemu, &paths::kernel(), &initrd, spec.cpus);
     cmd.args([
         "-append",
         &format!("console=ttyS0 quiet panic=-1 e2e.tag={L2_TAG}"),
@@ -408,6 +408,11 @@ pub fn run_l2_spec(spec: &GuestSpec) -> Result<GuestRun, Error> {
 /// The QEMU command line of an L2 guest: one vCPU, multi-threaded TCG, `-cpu max` (which
 /// emulates SVM with nested paging), 3 GiB.
 fn l2_command(qemu: &Path, kernel: &Path, initrd: &Path) -> Command {
+    l2_command_with(qemu, kernel, initrd, 1)
+}
+
+/// The L2 command line with `cpus` vCPUs.
+fn l2_command_with(qemu: &Path, kernel: &Path, initrd: &Path, cpus: u8) -> Command {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-machine",
@@ -417,7 +422,7 @@ fn l2_command(qemu: &Path, kernel: &Path, initrd: &Path) -> Command {
         "-cpu",
         "max",
         "-smp",
-        "1",
+        &cpus.max(1).to_string(),
         "-m",
         "3G",
         "-nodefaults",

@@ -249,7 +249,12 @@ impl NetBackend {
                     stats.received(pair, len);
                     worker.pending = 0;
                     last_seen = None;
-                    delivered = true;
+                    // Tell a driver that waits at once, not when the tap runs dry or the
+                    // ring is full: with a host sending without pause that is a whole ring
+                    // later, and the guest would idle while we fill it, then we while it
+                    // drains it. With EVENT_IDX a driver that is polling asked for nothing,
+                    // so this costs it no interrupt.
+                    self.notify_rx(vring);
                 }
                 Ok(RxOutcome::Dropped(cause)) => {
                     let cause = match cause {
@@ -281,9 +286,13 @@ impl NetBackend {
             }
         }
         if delivered {
-            if let Err(e) = queue::notify(vring) {
-                error!("cannot signal the rx queue: {e}");
-            }
+            self.notify_rx(vring);
+        }
+    }
+
+    fn notify_rx(&self, vring: &Vring) {
+        if let Err(e) = queue::notify(vring) {
+            error!("cannot signal the rx queue: {e}");
         }
     }
 
@@ -337,6 +346,12 @@ impl NetBackend {
             }
             if let Err(e) = vring.add_used(head, 0) {
                 error!("tx queue: cannot return a chain: {e}");
+            }
+            // As on RX: a driver that stopped its queue for want of buffers hears as soon
+            // as it asked to (EVENT_IDX: after the share of its chains it chose), not after
+            // every chain it added meanwhile has been sent.
+            if let Err(e) = queue::notify(vring) {
+                error!("cannot signal the tx queue: {e}");
             }
         });
         match result {
